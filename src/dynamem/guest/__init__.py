@@ -1,0 +1,1 @@
+"""Guest images built offline from Debian packages."""

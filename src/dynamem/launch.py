@@ -1,0 +1,63 @@
+"""From command-line choices to a ready VMConfig: guest image, QEMU check, accelerator."""
+
+from dataclasses import dataclass
+
+from dynamem.errors import UserError
+from dynamem.guest.build import GuestImage, find_image
+from dynamem.guest.recipe import load_recipe
+from dynamem.qemu import accel
+from dynamem.qemu.config import VMConfig
+
+MIN_QEMU = (7, 2, 0)
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: VMConfig
+    image: GuestImage
+    accel: accel.AccelChoice
+    qemu_version: tuple[int, int, int]
+
+
+def check_qemu(qemu: str) -> tuple[int, int, int]:
+    version = accel.qemu_version(qemu)
+    if version < MIN_QEMU:
+        have = ".".join(map(str, version))
+        need = ".".join(map(str, MIN_QEMU))
+        raise UserError(f"{qemu} is QEMU {have}; dynamem needs {need} or newer")
+    return version
+
+
+def plan_vm(
+    *,
+    guest: str = "minimal",
+    memory: int,
+    cpus: int = 2,
+    accel_request: str | None = None,
+    qemu: str = "qemu-system-x86_64",
+    maxmem: int | None = None,
+    slots: int = 0,
+    memhp_default_state: str = "online_movable",
+    kernel_args: tuple[str, ...] = (),
+    extra_args: tuple[str, ...] = (),
+) -> Plan:
+    """Validate everything that can be checked before a QEMU is started."""
+    if accel_request not in (None, "auto", "kvm", "tcg"):
+        raise UserError(f"unknown accelerator {accel_request!r} (choose from auto, kvm, tcg)")
+    version = check_qemu(qemu)
+    image = find_image(load_recipe(guest))
+    choice = accel.choose(accel_request, qemu, image.kernel)
+    config = VMConfig(
+        kernel=image.kernel,
+        initrd=image.initrd,
+        accel=choice.accel,
+        memory=memory,
+        maxmem=maxmem,
+        slots=slots,
+        cpus=cpus,
+        memhp_default_state=memhp_default_state,
+        kernel_args=kernel_args,
+        extra_args=extra_args,
+        qemu_binary=qemu,
+    )
+    return Plan(config, image, choice, version)

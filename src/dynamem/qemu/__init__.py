@@ -1,0 +1,1 @@
+"""QEMU processes: command lines, the process owner, QMP, the accelerator probe."""

@@ -1,0 +1,121 @@
+"""A typed description of one VM and the QEMU command line it becomes (pure, unit-tested)."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dynamem.errors import UserError
+from dynamem.units import MiB, format_size
+
+ACCELERATORS = ("kvm", "tcg")
+ONLINE_STATES = ("online", "online_kernel", "online_movable", "offline")
+
+
+@dataclass(frozen=True)
+class VMConfig:
+    kernel: Path
+    initrd: Path
+    accel: str = "tcg"
+    memory: int = 2048 * MiB
+    maxmem: int | None = None  # with slots: room for hotplugged memory devices
+    slots: int = 0
+    cpus: int = 2
+    machine: str = "q35"
+    cpu: str | None = None  # default: "host" under KVM, "max" under TCG
+    memhp_default_state: str = "online_movable"
+    kernel_args: tuple[str, ...] = ()
+    # Raw device/object arguments added by mechanisms, e.g. ("-device", "virtio-balloon-pci").
+    extra_args: tuple[str, ...] = ()
+    qemu_binary: str = "qemu-system-x86_64"
+    name: str = "dynamem"
+
+    def __post_init__(self) -> None:
+        if self.accel not in ACCELERATORS:
+            raise UserError(f"unknown accelerator {self.accel!r} (choose from kvm, tcg)")
+        if self.memory <= 0 or self.memory % MiB:
+            raise UserError(f"guest memory {self.memory} must be a positive multiple of 1 MiB")
+        if self.cpus < 1:
+            raise UserError(f"cpus must be at least 1, got {self.cpus}")
+        if self.memhp_default_state not in ONLINE_STATES:
+            raise UserError(
+                f"unknown memhp_default_state {self.memhp_default_state!r} "
+                f"(choose from {', '.join(ONLINE_STATES)})"
+            )
+        if self.maxmem is not None:
+            if self.maxmem < self.memory:
+                raise UserError(
+                    f"maxmem {format_size(self.maxmem)} is below memory {format_size(self.memory)}"
+                )
+            if self.maxmem % MiB:
+                raise UserError(f"maxmem {self.maxmem} must be a multiple of 1 MiB")
+        if not 0 <= self.slots <= 256:
+            raise UserError(f"slots must be between 0 and 256, got {self.slots}")
+        if self.slots and self.maxmem is None:
+            raise UserError("memory slots need maxmem")
+
+    @property
+    def cmdline(self) -> str:
+        words = [
+            "console=ttyS0",
+            "edd=off",
+            "panic=-1",
+            f"memhp_default_state={self.memhp_default_state}",
+            *self.kernel_args,
+        ]
+        return " ".join(words)
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """Paths inside the VM's 0700 run directory that the command line refers to."""
+
+    directory: Path
+    ssh_port: int
+    fw_cfg: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.directory / "qmp.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.directory / "console.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.directory / "qemu.log"
+
+
+def memory_arg(config: VMConfig) -> str:
+    arg = format_size(config.memory)
+    if config.maxmem is not None:
+        arg += f",slots={config.slots},maxmem={format_size(config.maxmem)}"
+    return arg
+
+
+def build_argv(config: VMConfig, files: RunFiles) -> list[str]:
+    cpu = config.cpu or ("host" if config.accel == "kvm" else "max")
+    argv = [
+        config.qemu_binary,
+        "-name", config.name,
+        "-nodefaults", "-no-user-config", "-display", "none",
+        "-machine", config.machine,
+        "-accel", config.accel,
+        "-cpu", cpu,
+        "-smp", str(config.cpus),
+        "-m", memory_arg(config),
+        "-kernel", str(config.kernel),
+        "-initrd", str(config.initrd),
+        "-append", config.cmdline,
+        "-chardev", f"socket,id=qmp,path={files.qmp_socket},server=off",
+        "-mon", "chardev=qmp,mode=control",
+        "-chardev", f"file,id=console,path={files.console_log}",
+        "-serial", "chardev:console",
+        "-netdev",
+        f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{files.ssh_port}-:22",
+        "-device", "virtio-net-pci,netdev=net0",
+        "-device", "virtio-rng-pci",
+    ]
+    for name, path in sorted(files.fw_cfg.items()):
+        argv += ["-fw_cfg", f"name=opt/dynamem/{name},file={path}"]
+    argv += list(config.extra_args)
+    return argv

@@ -1,0 +1,203 @@
+"""One VM: one QEMU process from launch to verified shutdown, with QMP, console and SSH.
+
+Layered shutdown as in QEMU's own python/qemu/machine: close SSH, ask QEMU to `quit`, wait
+with a deadline, SIGKILL by PID, verify the PID is gone, always clean up. The run directory
+is removed after a clean stop and kept (its path in the error) after a failure.
+"""
+
+import enum
+import re
+import shutil
+import socket
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from dynamem.errors import DeadlineExceeded, GuestCommandError, VMError
+from dynamem.keys import make_keypair
+from dynamem.paths import make_run_dir
+from dynamem.qemu.config import RunFiles, VMConfig, build_argv
+from dynamem.qemu.monitor import Monitor
+from dynamem.qemu.process import QemuProcess
+from dynamem.ssh import CommandResult, GuestShell
+
+READY = re.compile(r"^dynamem-ready: (\S+) ([\d.]+)", re.MULTILINE)
+GUEST_ERROR = re.compile(r"^dynamem-error: (.*)$", re.MULTILINE)
+PANIC = re.compile(r"Kernel panic - not syncing: (.*)")
+
+
+class State(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class VM:
+    def __init__(self, config: VMConfig, *, keep_run_dir: bool = False) -> None:
+        self.config = config
+        self.keep_run_dir = keep_run_dir
+        self.state = State.NEW
+        self.run_dir: Path | None = None
+        self.files: RunFiles | None = None
+        self.kernel_release: str | None = None
+        self.timings: dict[str, float] = {}  # host monotonic seconds since launch
+        self._process: QemuProcess | None = None
+        self._monitor: Monitor | None = None
+        self._shell: GuestShell | None = None
+        self._host_key = ""
+        self._failed = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> "VM":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is not None:
+            self._failed = True
+        self.shutdown()
+
+    @property
+    def pid(self) -> int:
+        if self._process is None:
+            raise VMError("VM is not launched")
+        return self._process.pid
+
+    def start(self, ready_timeout: float = 180.0) -> "VM":
+        """Launch and wait until the guest answers SSH (or raise, leaving nothing running)."""
+        try:
+            self.launch()
+            self.wait_ready(ready_timeout)
+            self.shell.open()
+            self.timings["ssh"] = time.monotonic() - self.timings["t0"]
+        except BaseException:
+            self._failed = True
+            self.shutdown()
+            raise
+        return self
+
+    def launch(self) -> None:
+        if self.state is not State.NEW:
+            raise VMError(f"cannot launch a VM that is {self.state.value}")
+        self.state = State.RUNNING
+        self.run_dir = make_run_dir()
+        keys = self.run_dir / "keys"
+        keys.mkdir(mode=0o700)
+        client = make_keypair(keys, "client")
+        host = make_keypair(keys, "hostkey")
+        self._host_key = host.public_line
+        fw_cfg = {"authorized_keys": client.public, "hostkey": host.private}
+        for attempt in range(3):  # the free port can be taken between probe and bind
+            self.files = RunFiles(self.run_dir, free_port(), fw_cfg)
+            self._monitor = Monitor(self.files.qmp_socket)
+            self._process = QemuProcess(build_argv(self.config, self.files), self.files.qemu_log)
+            self.timings["t0"] = time.monotonic()
+            self._process.start()
+            try:
+                self._monitor.accept(timeout=30.0, alive=self._process.alive)
+                break
+            except VMError as exc:
+                tail = self._process.log_tail()
+                self._monitor.close()
+                self._process.kill()
+                if "host forwarding" in tail and attempt < 2:
+                    continue
+                raise VMError(f"{exc}: {tail or 'no output'} (run dir {self.run_dir})") from exc
+        self.timings["qmp"] = time.monotonic() - self.timings["t0"]
+        self._shell = GuestShell(self.files.ssh_port, client.private, self._host_key)
+
+    def wait_ready(self, timeout: float) -> None:
+        """Wait for the guest's `dynamem-ready` console line (sshd listening)."""
+        assert self.files is not None and self._process is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.console()
+            if match := READY.search(text):
+                self.kernel_release = match.group(1)
+                self.timings["ready"] = time.monotonic() - self.timings["t0"]
+                return
+            if err := GUEST_ERROR.search(text):
+                raise VMError(f"guest failed to boot: {err.group(1)} (console: {self.files.console_log})")
+            if panic := PANIC.search(text):
+                raise VMError(f"guest kernel panic: {panic.group(1)}")
+            if not self._process.alive():
+                raise VMError(
+                    f"QEMU exited with status {self._process.returncode} before the guest was "
+                    f"ready: {self._process.log_tail() or 'no output'}"
+                )
+            if time.monotonic() > deadline:
+                last = text.strip().splitlines()[-1:] or ["(console empty)"]
+                raise DeadlineExceeded(
+                    f"guest not ready within {timeout:g} s; last console line: {last[0][:120]}"
+                )
+            time.sleep(0.01)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop QEMU (quit, then SIGKILL by PID) and verify it is gone. Idempotent."""
+        if self.state is State.STOPPED:
+            return
+        self.state = State.STOPPED
+        try:
+            if self._shell is not None:
+                self._shell.close()
+            if self._monitor is not None:
+                if self._process is not None and self._process.alive():
+                    try:
+                        self._monitor.cmd("quit", timeout=3.0)
+                    except VMError:
+                        pass  # not answering or already gone: SIGKILL below
+                self._monitor.close()
+            if self._process is not None:
+                self._process.wait(timeout)
+        finally:
+            if self._process is not None:
+                self._process.kill()
+            if self.run_dir is not None and not (self.keep_run_dir or self._failed):
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    # -- talking to the VM ---------------------------------------------------------------------
+
+    @property
+    def shell(self) -> GuestShell:
+        if self._shell is None or self.state is not State.RUNNING:
+            raise VMError("the VM is not running")
+        return self._shell
+
+    def qmp(self, command: str, timeout: float = 10.0, **args: Any) -> Any:
+        if self._monitor is None or self.state is not State.RUNNING:
+            raise VMError(f"QMP {command}: the VM is not running")
+        return self._monitor.cmd(command, args or None, timeout=timeout)
+
+    def run(self, argv: list[str] | str, *, timeout: float = 60.0, check: bool = True) -> CommandResult:
+        result = self.shell.run(argv, timeout=timeout)
+        if check and not result.ok:
+            raise GuestCommandError(
+                f"guest command {result.argv!r} exited {result.returncode}: "
+                f"{result.stderr.strip()[-200:]}"
+            )
+        return result
+
+    def console(self) -> str:
+        if self.files is None:
+            return ""
+        try:
+            return self.files.console_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def mark_failed(self) -> None:
+        """Keep the run directory for inspection after shutdown."""
+        self._failed = True
