@@ -1,7 +1,6 @@
 """The `dynamem` command line: one function per command, shared arguments in one place."""
 
 import argparse
-import os
 import signal
 import sys
 import time
@@ -19,7 +18,7 @@ if TYPE_CHECKING:
 
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise UserError(f"{self.prog}: {message}")
+        raise UserError(f"{self.prog.removeprefix('dynamem ')}: {message}")
 
 
 def _size(text: str) -> int:
@@ -59,12 +58,24 @@ def _vm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus", type=int, default=2, help="vCPUs (default: 2)")
     p.add_argument("--accel", default="auto", help="auto (probe), kvm or tcg (default: auto)")
     p.add_argument("--qemu", default="qemu-system-x86_64", help="QEMU binary")
-    p.add_argument("--memhp-default-state", default="online_movable",
-                   help="how the guest onlines hotplugged memory (default: online_movable)")
-    p.add_argument("--kernel-arg", action="append", default=[], metavar="ARG",
-                   help="extra guest kernel command-line word (repeatable)")
-    p.add_argument("--ready-timeout", type=float, default=180.0,
-                   help="seconds to wait for the guest to answer SSH (default: 180)")
+    p.add_argument(
+        "--memhp-default-state",
+        default="online_movable",
+        help="how the guest onlines hotplugged memory (default: online_movable)",
+    )
+    p.add_argument(
+        "--kernel-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra guest kernel command-line word (repeatable)",
+    )
+    p.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=180.0,
+        help="seconds to wait for the guest to answer SSH (default: 180)",
+    )
 
 
 def _plan(args: argparse.Namespace) -> "Plan":
@@ -90,9 +101,12 @@ def cmd_vm_exec(args: argparse.Namespace) -> int:
     plan = _plan(args)
     with VM(plan.config, keep_run_dir=args.keep_run_dir) as vm:
         vm.start(ready_timeout=args.ready_timeout)
-        print(f"dynamem: guest {vm.kernel_release} ready in {vm.timings['ssh']:.1f} s "
-              f"({plan.accel.accel}: {plan.accel.reason}; {format_size(args.memory)} RAM, "
-              f"qemu pid {vm.pid})", file=sys.stderr)
+        print(
+            f"dynamem: guest {vm.kernel_release} ready in {vm.timings['ssh']:.1f} s "
+            f"({plan.accel.accel}: {plan.accel.reason}; {format_size(args.memory)} RAM, "
+            f"qemu pid {vm.pid})",
+            file=sys.stderr,
+        )
         result = vm.run(command, timeout=args.timeout, check=False)
     sys.stdout.write(result.stdout)
     sys.stderr.write(result.stderr)
@@ -114,15 +128,19 @@ def cmd_bench_boot(args: argparse.Namespace) -> int:
     from dynamem.selfbench import bench_boot
 
     plan = _plan(args)
-    print(f"accelerator {plan.accel.accel} ({plan.accel.reason}); guest "
-          f"{plan.image.kernel_release}, {format_size(args.memory)} RAM, {args.cpus} vCPUs")
+    print(
+        f"accelerator {plan.accel.accel} ({plan.accel.reason}); guest "
+        f"{plan.image.kernel_release}, {format_size(args.memory)} RAM, {args.cpus} vCPUs"
+    )
     res = bench_boot(plan, args.repeats, print)
     bare, ours = statistics.median(res.bare), statistics.median(res.dynamem)
     print(f"median bare QEMU -kernel/-initrd to init: {bare:.2f} s")
     print(f"median dynamem launch to SSH answering:  {ours:.2f} s")
-    print(f"ratio of medians: {res.ratio_of_medians:.3f}  (target <= 1.25); "
-          f"paired ratios median {statistics.median(res.paired_ratios):.3f}, "
-          f"max {max(res.paired_ratios):.3f}")
+    print(
+        f"ratio of medians: {res.ratio_of_medians:.3f}  (target <= 1.25); "
+        f"paired ratios median {statistics.median(res.paired_ratios):.3f}, "
+        f"max {max(res.paired_ratios):.3f}"
+    )
     return 0
 
 
@@ -132,10 +150,14 @@ def cmd_bench_build(args: argparse.Namespace) -> int:
     from dynamem.selfbench import bench_build
 
     rebuild, hit = bench_build(args.guest, args.repeats)
-    print(f"clean build from the warm package cache: median {statistics.median(rebuild):.2f} s "
-          f"(runs: {', '.join(f'{t:.2f}' for t in rebuild)}; target < 60 s)")
-    print(f"cache hit: median {statistics.median(hit) * 1000:.1f} ms "
-          f"(runs: {', '.join(f'{t * 1000:.1f}' for t in hit)}; target < 1 s)")
+    print(
+        f"clean build from the warm package cache: median {statistics.median(rebuild):.2f} s "
+        f"(runs: {', '.join(f'{t:.2f}' for t in rebuild)}; target < 60 s)"
+    )
+    print(
+        f"cache hit: median {statistics.median(hit) * 1000:.1f} ms "
+        f"(runs: {', '.join(f'{t * 1000:.1f}' for t in hit)}; target < 1 s)"
+    )
     return 0
 
 
@@ -158,10 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
     vsub = vm.add_subparsers(dest="vm_command", required=True, parser_class=_ArgumentParser)
     p = vsub.add_parser("exec", help="boot the guest, run CMD over SSH, print its output, stop")
     _vm_options(p)
-    p.add_argument("--timeout", type=float, default=300.0,
-                   help="seconds CMD may run in the guest (default: 300)")
-    p.add_argument("--keep-run-dir", action="store_true",
-                   help="keep the run directory (console log, QEMU log, keys)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="seconds CMD may run in the guest (default: 300)",
+    )
+    p.add_argument(
+        "--keep-run-dir",
+        action="store_true",
+        help="keep the run directory (console log, QEMU log, keys)",
+    )
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     p.set_defaults(func=cmd_vm_exec)
 

@@ -38,25 +38,43 @@ def run_checks(qemu: str, guest: str, accel_request: str | None, reprobe: bool) 
     missing = missing_tools()
     if missing:
         packages = " ".join(sorted(set(missing.values())))
-        checks.append(Check("host tools", False,
-                            f"missing {', '.join(sorted(missing))}; fix: apt-get install -y {packages}"))
+        checks.append(
+            Check(
+                "host tools",
+                False,
+                f"missing {', '.join(sorted(missing))}; fix: apt-get install -y {packages}",
+            )
+        )
     else:
         checks.append(Check("host tools", True, "all present: " + ", ".join(HOST_TOOLS)))
     try:
         version = check_qemu(qemu)
-        checks.append(Check("qemu", True, f"{shutil.which(qemu)} version {'.'.join(map(str, version))}"
-                            f" (need >= {'.'.join(map(str, MIN_QEMU))})"))
+        checks.append(
+            Check(
+                "qemu",
+                True,
+                f"{shutil.which(qemu)} version {'.'.join(map(str, version))}"
+                f" (need >= {'.'.join(map(str, MIN_QEMU))})",
+            )
+        )
     except UserError as exc:
         checks.append(Check("qemu", False, str(exc)))
     kernel = None
     try:
         image = find_image(load_recipe(guest))
         kernel = image.kernel
-        checks.append(Check("guest image", True,
-                            f"{guest}: kernel {image.kernel_release}, checksums ok, {image.directory}"))
+        checks.append(
+            Check(
+                "guest image",
+                True,
+                f"{guest}: kernel {image.kernel_release}, checksums ok, {image.directory}",
+            )
+        )
     except UserError as exc:
         checks.append(Check("guest image", False, str(exc)))
-    kvm = "/dev/kvm " + ("accessible" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "not accessible")
+    kvm = "/dev/kvm " + (
+        "accessible" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "not accessible"
+    )
     try:
         choice = accel.choose(accel_request, qemu, kernel, reprobe=reprobe)
         checks.append(Check("accelerator", True, f"{choice.accel}: {choice.reason} [{kvm}]"))

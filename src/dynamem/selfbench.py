@@ -25,12 +25,31 @@ def bare_boot_to_init(plan: Plan, timeout: float = 120.0) -> float:
     c = plan.config
     run_dir = make_run_dir("bare")
     console = run_dir / "console.log"
-    argv = [c.qemu_binary, "-nodefaults", "-no-user-config", "-display", "none",
-            "-machine", c.machine, "-accel", c.accel,
-            "-cpu", c.cpu or ("host" if c.accel == "kvm" else "max"),
-            "-smp", str(c.cpus), "-m", str(c.memory // (1 << 20)),
-            "-kernel", str(c.kernel), "-initrd", str(c.initrd), "-append", c.cmdline,
-            "-serial", f"file:{console}"]
+    argv = [
+        c.qemu_binary,
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-machine",
+        c.machine,
+        "-accel",
+        c.accel,
+        "-cpu",
+        c.cpu or ("host" if c.accel == "kvm" else "max"),
+        "-smp",
+        str(c.cpus),
+        "-m",
+        str(c.memory // (1 << 20)),
+        "-kernel",
+        str(c.kernel),
+        "-initrd",
+        str(c.initrd),
+        "-append",
+        c.cmdline,
+        "-serial",
+        f"file:{console}",
+    ]
     proc = QemuProcess(argv, run_dir / "qemu.log")
     try:
         start = time.monotonic()
@@ -85,8 +104,10 @@ def bench_boot(plan: Plan, repeats: int, report: Callable[[str], None]) -> BootB
             else:
                 t = dynamem_boot_to_ssh(plan)
                 ours.append(t["ssh_command"])
-                report(f"repeat {i + 1}/{repeats}: dynamem to SSH answer {t['ssh_command']:6.2f} s"
-                       f" (QMP {t['qmp']:.2f} s, ready line {t['ready']:.2f} s)")
+                report(
+                    f"repeat {i + 1}/{repeats}: dynamem to SSH answer {t['ssh_command']:6.2f} s"
+                    f" (QMP {t['qmp']:.2f} s, ready line {t['ready']:.2f} s)"
+                )
     return BootBench(bare, ours)
 
 

@@ -2,14 +2,15 @@
 
 import base64
 import shlex
-import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import fabric
-import invoke
 import paramiko
+from invoke.exceptions import CommandTimedOut
+from invoke.runners import Result
 
 from dynamem.errors import GuestCommandError
 
@@ -62,15 +63,19 @@ class GuestShell:
         client: paramiko.SSHClient = self._conn.client
         client.get_host_keys().clear()
         client.get_host_keys().add(
-            f"[127.0.0.1]:{port}", kind, paramiko.PKey.from_type_string(kind, base64.b64decode(blob))
+            f"[127.0.0.1]:{port}",
+            kind,
+            paramiko.PKey.from_type_string(kind, base64.b64decode(blob)),
         )
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
 
     def open(self) -> None:
         try:
             self._conn.open()
-        except (paramiko.SSHException, OSError, socket.timeout, EOFError) as exc:
-            raise GuestCommandError(f"SSH to the guest at 127.0.0.1:{self.port} failed: {exc}") from exc
+        except (TimeoutError, paramiko.SSHException, OSError, EOFError) as exc:
+            raise GuestCommandError(
+                f"SSH to the guest at 127.0.0.1:{self.port} failed: {exc}"
+            ) from exc
         transport = self._conn.transport
         if transport is not None:
             transport.set_keepalive(5)
@@ -82,14 +87,44 @@ class GuestShell:
             self.open()
         start = time.monotonic()
         try:
-            res = self._conn.run(
-                line, hide=True, warn=True, in_stream=False, timeout=timeout + 10
-            )
-        except invoke.CommandTimedOut as exc:
+            res = self._run_interruptible(line, timeout + 10)
+        except CommandTimedOut as exc:
             raise GuestCommandError(f"guest command timed out after {timeout:g} s: {line}") from exc
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise GuestCommandError(f"SSH to the guest failed during {line!r}: {exc}") from exc
         return CommandResult(line, res.exited, res.stdout, res.stderr, time.monotonic() - start)
+
+    def _run_interruptible(self, line: str, timeout: float) -> Result:
+        """fabric.run in a worker thread, so Ctrl-C in the main thread is not swallowed.
+
+        invoke's runner catches KeyboardInterrupt and forwards it to the remote side, which
+        a non-tty command ignores; dynamem must instead stop at once and shut QEMU down.
+        """
+        box: dict[str, object] = {}
+
+        def work() -> None:
+            try:
+                box["result"] = self._conn.run(
+                    line, hide=True, warn=True, in_stream=False, timeout=timeout
+                )
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                box["error"] = exc
+
+        worker = threading.Thread(target=work, name="guest-command", daemon=True)
+        worker.start()
+        try:
+            while worker.is_alive():
+                worker.join(0.05)
+        except KeyboardInterrupt:
+            self.close()  # unblocks the worker; the guest's own timeout reaps the command
+            raise
+        if "error" in box:
+            error = box["error"]
+            assert isinstance(error, BaseException)
+            raise error
+        result = box["result"]
+        assert isinstance(result, Result)
+        return result
 
     def close(self) -> None:
         self._conn.close()

@@ -58,9 +58,18 @@ def resolve_lock(recipe: Recipe) -> Lock:
     kernel = kernel_package(recipe.kernel)
     deps = parse_recursive_depends(
         _run(
-            ["apt-cache", "depends", "--recurse", "--no-recommends", "--no-suggests",
-             "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances",
-             *recipe.packages]
+            [
+                "apt-cache",
+                "depends",
+                "--recurse",
+                "--no-recommends",
+                "--no-suggests",
+                "--no-conflicts",
+                "--no-breaks",
+                "--no-replaces",
+                "--no-enhances",
+                *recipe.packages,
+            ]
         )
     )
     names = sorted({kernel, *deps})
@@ -69,9 +78,7 @@ def resolve_lock(recipe: Recipe) -> Lock:
     missing = [n for n in names if n not in found]
     if missing:
         raise GuestBuildError(f"apt knows no amd64 candidate for: {', '.join(missing)}")
-    packages = tuple(
-        LockedPackage(n, found[n]["Version"], found[n]["SHA256"]) for n in names
-    )
+    packages = tuple(LockedPackage(n, found[n]["Version"], found[n]["SHA256"]) for n in names)
     return Lock(kernel=kernel, packages=packages)
 
 

@@ -158,8 +158,8 @@ def _assemble(recipe: Recipe, lock: Lock, debs: dict[str, Path], work: Path) -> 
 
     # The recipe's own files, then the fixed skeleton.
     shutil.copytree(recipe.rootfs, rootfs, symlinks=True, dirs_exist_ok=True)
-    for d in ("proc", "sys", "dev", "tmp", "run", "root", "var/log"):
-        (rootfs / d).mkdir(parents=True, exist_ok=True)
+    for skeleton in ("proc", "sys", "dev", "tmp", "run", "root", "var/log"):
+        (rootfs / skeleton).mkdir(parents=True, exist_ok=True)
     (rootfs / "root").chmod(0o700)
 
     _make_initramfs(rootfs, out / "initrd.img")
@@ -201,7 +201,9 @@ def _make_initramfs(rootfs: Path, target: Path) -> None:
     with target.open("wb") as out:
         cpio = subprocess.Popen(
             ["cpio", "--null", "-o", "-H", "newc", "--reproducible", "-R", "0:0", "--quiet"],
-            cwd=rootfs, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            cwd=rootfs,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
         )
         zstd = subprocess.Popen(["zstd", "-q", "-10", "-T1", "-c"], stdin=cpio.stdout, stdout=out)
         assert cpio.stdin and cpio.stdout

@@ -6,6 +6,7 @@ seconds and requires the banner on the serial console. The verdict is cached per
 boot, QEMU binary and kernel.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,7 +31,9 @@ class AccelChoice:
 
 
 def _kvm_modules() -> list[str]:
-    return sorted(m for m in ("kvm_intel", "kvm_amd", "kvm_pvm") if Path(f"/sys/module/{m}").exists())
+    return sorted(
+        m for m in ("kvm_intel", "kvm_amd", "kvm_pvm") if Path(f"/sys/module/{m}").exists()
+    )
 
 
 def probe_boot(qemu: str, kernel: Path, seconds: float = PROBE_SECONDS) -> tuple[bool, str]:
@@ -38,10 +41,28 @@ def probe_boot(qemu: str, kernel: Path, seconds: float = PROBE_SECONDS) -> tuple
     run_dir = make_run_dir("probe")
     console = run_dir / "console.log"
     proc = QemuProcess(
-        [qemu, "-nodefaults", "-no-user-config", "-display", "none", "-machine", "q35",
-         "-accel", "kvm", "-cpu", "host", "-m", "256M", "-no-reboot",
-         "-kernel", str(kernel), "-append", "console=ttyS0 panic=-1",
-         "-serial", f"file:{console}"],
+        [
+            qemu,
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-machine",
+            "q35",
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+            "-m",
+            "256M",
+            "-no-reboot",
+            "-kernel",
+            str(kernel),
+            "-append",
+            "console=ttyS0 panic=-1",
+            "-serial",
+            f"file:{console}",
+        ],
         run_dir / "qemu.log",
     )
     start = time.monotonic()
@@ -49,7 +70,10 @@ def probe_boot(qemu: str, kernel: Path, seconds: float = PROBE_SECONDS) -> tuple
         proc.start()
         while time.monotonic() - start < seconds:
             if console.exists() and "Linux version" in console.read_text(errors="replace"):
-                return True, f"KVM probe boot printed the kernel banner in {time.monotonic() - start:.1f} s"
+                return (
+                    True,
+                    f"KVM probe boot printed the kernel banner in {time.monotonic() - start:.1f} s",
+                )
             if not proc.alive():
                 return False, f"KVM probe QEMU exited: {proc.log_tail(2) or 'no output'}"
             time.sleep(0.05)
@@ -64,15 +88,15 @@ def probe_boot(qemu: str, kernel: Path, seconds: float = PROBE_SECONDS) -> tuple
 def _probe_key(qemu: str, kernel: Path) -> str:
     boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     digest = hashlib.sha256(f"{boot_id}\n{qemu}\n".encode())
-    try:
+    with contextlib.suppress(OSError):
         digest.update(str(os.stat(shutil.which(qemu) or qemu).st_mtime_ns).encode())
-    except OSError:
-        pass
     digest.update(kernel.read_bytes())
     return digest.hexdigest()[:16]
 
 
-def choose(requested: str | None, qemu: str, kernel: Path | None, *, reprobe: bool = False) -> AccelChoice:
+def choose(
+    requested: str | None, qemu: str, kernel: Path | None, *, reprobe: bool = False
+) -> AccelChoice:
     """The accelerator to use and why; `requested` ('kvm'/'tcg'/None for auto) wins if usable."""
     if requested not in (None, "auto", "kvm", "tcg"):
         raise UserError(f"unknown accelerator {requested!r} (choose from auto, kvm, tcg)")

@@ -5,6 +5,7 @@ with a deadline, SIGKILL by PID, verify the PID is gone, always clean up. The ru
 is removed after a clean stop and kept (its path in the error) after a failure.
 """
 
+import contextlib
 import enum
 import re
 import shutil
@@ -117,6 +118,7 @@ class VM:
                     continue
                 raise VMError(f"{exc}: {tail or 'no output'} (run dir {self.run_dir})") from exc
         self.timings["qmp"] = time.monotonic() - self.timings["t0"]
+        assert self.files is not None
         self._shell = GuestShell(self.files.ssh_port, client.private, self._host_key)
 
     def wait_ready(self, timeout: float) -> None:
@@ -130,7 +132,9 @@ class VM:
                 self.timings["ready"] = time.monotonic() - self.timings["t0"]
                 return
             if err := GUEST_ERROR.search(text):
-                raise VMError(f"guest failed to boot: {err.group(1)} (console: {self.files.console_log})")
+                raise VMError(
+                    f"guest failed to boot: {err.group(1)} (console: {self.files.console_log})"
+                )
             if panic := PANIC.search(text):
                 raise VMError(f"guest kernel panic: {panic.group(1)}")
             if not self._process.alive():
@@ -155,10 +159,9 @@ class VM:
                 self._shell.close()
             if self._monitor is not None:
                 if self._process is not None and self._process.alive():
-                    try:
+                    # Not answering or already gone: SIGKILL below.
+                    with contextlib.suppress(VMError):
                         self._monitor.cmd("quit", timeout=3.0)
-                    except VMError:
-                        pass  # not answering or already gone: SIGKILL below
                 self._monitor.close()
             if self._process is not None:
                 self._process.wait(timeout)
@@ -181,7 +184,9 @@ class VM:
             raise VMError(f"QMP {command}: the VM is not running")
         return self._monitor.cmd(command, args or None, timeout=timeout)
 
-    def run(self, argv: list[str] | str, *, timeout: float = 60.0, check: bool = True) -> CommandResult:
+    def run(
+        self, argv: list[str] | str, *, timeout: float = 60.0, check: bool = True
+    ) -> CommandResult:
         result = self.shell.run(argv, timeout=timeout)
         if check and not result.ok:
             raise GuestCommandError(

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from dynamem.errors import DeadlineExceeded, VMError
 
@@ -60,10 +60,11 @@ class Monitor:
                     if not alive():
                         raise VMError("QEMU exited before connecting to QMP")
                     if time.monotonic() > deadline:
-                        raise DeadlineExceeded(
-                            f"QEMU did not connect to QMP within {timeout:g} s"
-                        )
-                task.result()
+                        raise DeadlineExceeded(f"QEMU did not connect to QMP within {timeout:g} s")
+                try:
+                    task.result()
+                except QMPError as exc:
+                    raise VMError(f"QMP handshake with QEMU failed ({exc})") from exc
             finally:
                 if not task.done():
                     task.cancel()

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Install what dynamem needs on a Debian 12 host (as root), then run one job:
+#   bash scripts/setup.sh demo   build the embedded guest, boot it, print its /proc/meminfo
+#   bash scripts/setup.sh test   lint, type-check and run every test (real guests included)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+job="${1:-}"
+case "$job" in demo|test) ;; *) echo "usage: $0 demo|test" >&2; exit 2 ;; esac
+
+# Host tools: QEMU, and what the guest build uses (apt-get download, dpkg-deb, depmod,
+# readelf, cpio, zstd).
+apt_packages=(qemu-system-x86 qemu-utils kmod binutils cpio zstd python3 python3-venv ca-certificates)
+missing=()
+for pkg in "${apt_packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    echo "setup: installing ${missing[*]}" >&2
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[test]'
+export PATH="$PWD/.venv/bin:$PATH"
+
+case "$job" in
+demo)
+    dynamem guest build
+    dynamem doctor
+    dynamem vm exec -- cat /proc/meminfo
+    ;;
+test)
+    ruff check src tests bench
+    ruff format --check src tests bench
+    mypy
+    pytest
+    ;;
+esac
