@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -46,6 +47,7 @@ def run_base(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("DYNAMEM_RUN_BASE", str(base))
     yield base
     leftover = qemu_pids_mentioning(str(base))
+    shutil.rmtree(base, ignore_errors=True)  # failed VMs keep their run dirs here
     assert leftover == [], f"QEMU processes left behind: {leftover}"
 
 
