@@ -9,8 +9,8 @@ job="${1:-}"
 case "$job" in demo|test) ;; *) echo "usage: $0 demo|test" >&2; exit 2 ;; esac
 
 # Host tools: QEMU, and what the guest build uses (apt-get download, dpkg-deb, depmod,
-# readelf, cpio, zstd).
-apt_packages=(qemu-system-x86 qemu-utils kmod binutils cpio zstd python3 python3-venv ca-certificates)
+# readelf, cpio, zstd; gcc and libc6-dev compile the static in-guest sampler).
+apt_packages=(qemu-system-x86 qemu-utils kmod binutils cpio zstd gcc libc6-dev python3 python3-venv ca-certificates)
 missing=()
 for pkg in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -14,6 +14,7 @@ from dynamem.units import format_size, parse_size
 
 if TYPE_CHECKING:
     from dynamem.launch import Plan
+    from dynamem.resize import ResizeResult
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -54,7 +55,12 @@ def cmd_guest_build(args: argparse.Namespace) -> int:
 
 def _vm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guest", default="minimal", help="guest recipe (default: minimal)")
-    p.add_argument("--memory", type=_size, default="2G", help="boot RAM (default: 2G)")
+    p.add_argument(
+        "--memory",
+        type=_size,
+        default="2G",
+        help="guest RAM (default: 2G); for resize: the size before the measured step",
+    )
     p.add_argument("--cpus", type=int, default=2, help="vCPUs (default: 2)")
     p.add_argument("--accel", default="auto", help="auto (probe), kvm or tcg (default: auto)")
     p.add_argument("--qemu", default="qemu-system-x86_64", help="QEMU binary")
@@ -144,6 +150,47 @@ def cmd_bench_boot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_resize(args: argparse.Namespace) -> int:
+    import statistics
+
+    from dynamem.selfbench import bench_resize
+
+    res = bench_resize(
+        args.mechanism,
+        args.size,
+        args.repeats,
+        args.poll_interval,
+        print,
+        memory=args.memory,
+        cpus=args.cpus,
+        accel_request=args.accel,
+        qemu=args.qemu,
+        guest=args.guest,
+    )
+    for direction in ("grow", "shrink"):
+        h, b, ratio, diff = res.summary(direction)
+        low, high = res.ratio_ci(direction)
+        if ratio <= 1.05 or diff <= 0.005:
+            verdict = "meets the target"
+        elif low <= 1.05:
+            verdict = "above the target, but within this host's noise"
+        else:
+            verdict = "ABOVE THE TARGET"
+        print(
+            f"{args.mechanism} {direction} {format_size(args.size)}: median dynamem "
+            f"{h * 1000:.1f} ms, bare QMP script {b * 1000:.1f} ms, ratio {ratio:.3f} "
+            f"(95% CI {low:.2f}-{high:.2f}), difference {diff * 1000:+.1f} ms: {verdict} "
+            f"(<= 1.05x or +5 ms)"
+        )
+    if res.guest_bounds:
+        bounds = res.guest_bounds
+        print(
+            f"guest-visible completion bound: median {statistics.median(bounds) * 1000:.2f} ms,"
+            f" max {max(bounds) * 1000:.2f} ms over {len(bounds)} resizes"
+        )
+    return 0
+
+
 def cmd_bench_build(args: argparse.Namespace) -> int:
     import statistics
 
@@ -159,6 +206,74 @@ def cmd_bench_build(args: argparse.Namespace) -> int:
         f"(runs: {', '.join(f'{t * 1000:.1f}' for t in hit)}; target < 1 s)"
     )
     return 0
+
+
+def _signed_size(text: str) -> int:
+    sign = -1 if text.startswith("-") else 1
+    return sign * parse_size(text.lstrip("+-"), what="resize")
+
+
+def cmd_resize(args: argparse.Namespace) -> int:
+    import json
+
+    from dynamem import mechanisms
+    from dynamem.single import run_single
+
+    mech = mechanisms.make(
+        args.mechanism,
+        args.variant,
+        dimm_size=args.dimm_size,
+        deflate_on_oom=args.deflate_on_oom,
+        free_page_reporting=args.free_page_reporting,
+    )
+    if args.by == 0:
+        raise UserError("--by must not be zero")
+    mplan = mech.plan(args.memory, args.by, args.boot_memory, args.maxmem)
+    single = run_single(
+        mech,
+        mplan,
+        ready_timeout=args.ready_timeout,
+        guest=args.guest,
+        cpus=args.cpus,
+        accel_request=args.accel,
+        qemu=args.qemu,
+        memhp_default_state=args.memhp_default_state,
+        kernel_args=tuple(args.kernel_arg),
+    )
+    if args.json:
+        print(json.dumps(single.to_dict(), indent=1))
+    else:
+        _print_result(single.result, single.context)
+    return 0 if single.result.outcome == "ok" else 1
+
+
+def _print_result(r: "ResizeResult", ctx: dict[str, object]) -> None:
+    def ms(x: float | None) -> str:
+        return "-" if x is None else f"{x * 1000:.1f} ms"
+
+    def size(x: int | None) -> str:
+        return "-" if x is None else ("-" if x < 0 else "+") + format_size(abs(x))
+
+    label = r.mechanism if r.variant == "default" else f"{r.mechanism}/{r.variant}"
+    print(
+        f"{label} {r.direction} {size(r.requested_bytes)}: {r.outcome}"
+        + (f" ({r.message})" if r.message else "")
+    )
+    print(
+        f"  host:  {size(r.host_done_bytes)} done, completion after {ms(r.host_latency_s)} "
+        f"(polled every {ms(r.poll_period_median_s)})"
+    )
+    print(
+        f"  guest: MemTotal {size(r.guest_memtotal_delta_bytes)}"
+        + (
+            f", balloon {size(r.guest_balloon_delta_bytes)}"
+            if r.guest_balloon_delta_bytes is not None
+            else ""
+        )
+        + f", visible after {ms(r.guest_latency_s)} (+/- {ms(r.guest_bound_s)})"
+    )
+    print(f"  memory blocks before {r.memory_blocks_before} after {r.memory_blocks_after}")
+    print(f"  {ctx['accel']}, QEMU {ctx['qemu_version']}, guest {ctx['guest_kernel']}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,6 +309,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     p.set_defaults(func=cmd_vm_exec)
 
+    p = sub.add_parser("resize", help="boot a fresh guest, resize it once, print the record")
+    _vm_options(p)
+    p.add_argument("--mechanism", required=True, help="balloon, dimm or virtio-mem")
+    p.add_argument("--variant", help="virtio-mem: sbm (default) or bbm")
+    p.add_argument(
+        "--by", type=_signed_size, required=True, help="signed change, e.g. +512M or -256M"
+    )
+    p.add_argument(
+        "--boot-memory",
+        type=_size,
+        help="boot RAM (default: what the step needs; --memory is the size "
+        "before the measured step)",
+    )
+    p.add_argument("--maxmem", type=_size, help="upper bound for hotplugged memory")
+    p.add_argument("--dimm-size", type=_size, default="128M", help="DIMM size (default 128M)")
+    p.add_argument("--deflate-on-oom", action="store_true", help="balloon option")
+    p.add_argument("--free-page-reporting", action="store_true", help="balloon option")
+    p.add_argument("--json", action="store_true", help="print the full record as JSON")
+    p.set_defaults(func=cmd_resize)
+
     p = sub.add_parser("doctor", help="check QEMU, the accelerator, the guest image, host tools")
     p.add_argument("--guest", default="minimal")
     p.add_argument("--accel", default="auto")
@@ -207,11 +342,35 @@ def build_parser() -> argparse.ArgumentParser:
     _vm_options(p)
     p.add_argument("--repeats", type=int, default=5)
     p.set_defaults(func=cmd_bench_boot)
+    p = bsub.add_parser("resize", help="dynamem's resize timing versus a bare QMP script")
+    _vm_options(p)
+    p.add_argument("--mechanism", required=True, help="balloon, dimm or virtio-mem")
+    p.add_argument("--size", type=_size, default="256M")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--poll-interval", type=float, default=0.002, help="seconds (default 0.002)")
+    p.set_defaults(func=cmd_bench_resize)
     p = bsub.add_parser("build", help="guest build from the warm package cache, and a cache hit")
     p.add_argument("guest", nargs="?", default="minimal")
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(func=cmd_bench_build)
     return parser
+
+
+def _join_signed(argv: list[str]) -> list[str]:
+    """Let `--by -512M` through: argparse would take '-512M' for an option."""
+    out: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--":
+            out.append(arg)
+            out.extend(it)
+            break
+        if arg == "--by":
+            value = next(it, "")
+            out.append(f"--by={value}")
+        else:
+            out.append(arg)
+    return out
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -221,6 +380,7 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
+    argv = _join_signed(list(sys.argv[1:] if argv is None else argv))
     try:
         args = build_parser().parse_args(argv)
         func: Callable[[argparse.Namespace], int] = args.func

@@ -19,6 +19,7 @@ HOST_TOOLS = {
     "readelf": "binutils",
     "cpio": "cpio",
     "zstd": "zstd",
+    "gcc": "gcc",
 }
 
 

@@ -8,8 +8,9 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from dynamem.errors import DeadlineExceeded
+from dynamem.errors import DeadlineExceeded, VMError
 from dynamem.guest.build import build
 from dynamem.guest.recipe import load_recipe
 from dynamem.launch import Plan
@@ -109,6 +110,101 @@ def bench_boot(plan: Plan, repeats: int, report: Callable[[str], None]) -> BootB
                     f" (QMP {t['qmp']:.2f} s, ready line {t['ready']:.2f} s)"
                 )
     return BootBench(bare, ours)
+
+
+@dataclass(frozen=True)
+class ResizeBench:
+    """Host-side latencies (s) of dynamem's resize and of a bare QMP script, per direction."""
+
+    harness: dict[str, list[float]]
+    bare: dict[str, list[float]]
+    guest_bounds: list[float]
+
+    def summary(self, direction: str) -> tuple[float, float, float, float]:
+        h = statistics.median(self.harness[direction])
+        b = statistics.median(self.bare[direction])
+        return h, b, h / b, h - b
+
+    def ratio_ci(
+        self, direction: str, resamples: int = 10_000, seed: int = 0
+    ) -> tuple[float, float]:
+        """Bootstrap 95% interval of the ratio of medians (vectorized, seeded)."""
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        h = np.asarray(self.harness[direction])
+        b = np.asarray(self.bare[direction])
+        hm = np.median(rng.choice(h, (resamples, len(h))), axis=1)
+        bm = np.median(rng.choice(b, (resamples, len(b))), axis=1)
+        low, high = np.percentile(hm / bm, [2.5, 97.5])
+        return float(low), float(high)
+
+
+def bench_resize(
+    mechanism: str,
+    size: int,
+    repeats: int,
+    interval: float,
+    report: Callable[[str], None],
+    **vm_options: object,
+) -> ResizeBench:
+    """Grow and shrink by `size` in one VM, alternating dynamem and the bare script."""
+    import dataclasses
+    import shutil
+    import tempfile
+
+    from dynamem import mechanisms
+    from dynamem.bareqmp import BareQMP, bare_resize
+    from dynamem.resize import resize
+    from dynamem.single import plan_for
+
+    mech = mechanisms.make(mechanism)
+    before = int(vm_options.pop("memory", 2 << 30))  # type: ignore[call-overload]
+    mplan = mech.plan(before, -size, None, None)
+    if mechanism == "dimm":
+        # Room for the harness's DIMMs and the bare script's, which use their own ids.
+        mplan = mech.plan(before, -size, None, mplan.boot + 2 * size)
+    plan = plan_for(mech, mplan, **vm_options)
+    side = Path(tempfile.mkdtemp(prefix="dynamem-bare-"))
+    sock = side / "qmp.sock"
+    config = dataclasses.replace(
+        plan.config, extra_args=plan.config.extra_args + ("-qmp", f"unix:{sock},server=on,wait=off")
+    )
+    harness: dict[str, list[float]] = {"grow": [], "shrink": []}
+    bare: dict[str, list[float]] = {"grow": [], "shrink": []}
+    bounds: list[float] = []
+    dimm_size = getattr(mech, "dimm_size", 0)
+    try:
+        with VM(config) as vm:
+            vm.start()
+            qmp = BareQMP(str(sock))
+            if mplan.prepare:
+                resize(vm, mech, mplan.prepare)
+            # Steps that keep the guest between `before - size` and `before`.
+            steps = [(-size, "shrink"), (size, "grow")]
+            for i in range(repeats):
+                for who in ("harness", "bare") if i % 2 == 0 else ("bare", "harness"):
+                    for delta, direction in (
+                        steps
+                        if mechanism != "dimm" or who == "harness"
+                        else [(size, "grow"), (-size, "shrink")]
+                    ):
+                        if who == "harness":
+                            r = resize(vm, mech, delta, poll_interval_s=interval)
+                            if r.outcome != "ok" or r.host_latency_s is None:
+                                raise VMError(f"harness {direction}: {r.outcome} {r.message}")
+                            harness[direction].append(r.host_latency_s)
+                            if r.guest_bound_s is not None:
+                                bounds.append(r.guest_bound_s)
+                            t = r.host_latency_s
+                        else:
+                            t = bare_resize(qmp, mechanism, delta, interval, dimm_size)
+                            bare[direction].append(t)
+                        report(f"repeat {i + 1}/{repeats} {who:7} {direction:6} {t * 1000:8.1f} ms")
+            qmp.close()
+    finally:
+        shutil.rmtree(side, ignore_errors=True)
+    return ResizeBench(harness, bare, bounds)
 
 
 def bench_build(guest: str, repeats: int) -> tuple[list[float], list[float]]:

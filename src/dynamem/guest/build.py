@@ -61,9 +61,20 @@ class GuestImage:
                 )
 
 
+def compiler_version() -> str:
+    """The host gcc that compiles the recipe's own programs (part of the cache key)."""
+    if not shutil.which("gcc"):
+        raise GuestBuildError("gcc not found: apt-get install gcc libc6-dev")
+    return _check(["gcc", "--version"], "gcc --version").splitlines()[0]
+
+
 def cache_key(recipe: Recipe, lock: Lock) -> str:
     digest = hashlib.sha256()
     digest.update(f"builder {BUILDER_VERSION}\n".encode())
+    if recipe.sources:
+        digest.update(compiler_version().encode())
+        for source in recipe.sources:
+            digest.update((recipe.directory / source).read_bytes())
     digest.update(lock.to_json().encode())
     digest.update((recipe.directory / "recipe.toml").read_bytes())
     for path in sorted(p for p in recipe.rootfs.rglob("*") if p.is_file()):
@@ -143,6 +154,16 @@ def _assemble(recipe: Recipe, lock: Lock, debs: dict[str, Path], work: Path) -> 
         "../lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
     )
 
+    # dynamem's own programs, static so they need nothing from the image.
+    for source in recipe.sources:
+        src = recipe.directory / source
+        binary = rootfs / "usr" / "bin" / Path(source).stem
+        _check(
+            ["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(binary), str(src)],
+            f"compile {source}",
+        )
+        _check(["strip", str(binary)], f"strip {binary.name}")
+
     # Kernel modules, in load order.
     _check(["depmod", "-b", str(pkgroot), release], "depmod")
     moddir = pkgroot / "lib" / "modules" / release
@@ -173,6 +194,7 @@ def _assemble(recipe: Recipe, lock: Lock, debs: dict[str, Path], work: Path) -> 
         "packages": {p.name: p.version for p in lock.packages},
         "modules": [modules.module_name(m) for m in order],
         "libraries": sorted(libs),
+        "compiled": {Path(s).stem: compiler_version() for s in recipe.sources},
         "sha256": {f: apt.sha256_file(out / f) for f in ("vmlinuz", "initrd.img")},
     }
 

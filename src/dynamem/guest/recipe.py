@@ -66,6 +66,7 @@ class Recipe:
     packages: tuple[str, ...]
     binaries: tuple[str, ...]
     modules: tuple[str, ...]
+    sources: tuple[str, ...] = ()
 
     @property
     def lock_path(self) -> Path:
@@ -98,6 +99,7 @@ def load_recipe(name: str) -> Recipe:
             packages=tuple(data["packages"]),
             binaries=tuple(data["binaries"]),
             modules=tuple(data["modules"]),
+            sources=tuple(data.get("sources", ())),
         )
     except (tomllib.TOMLDecodeError, KeyError, TypeError) as exc:
         raise UserError(f"{path}: invalid recipe ({exc})") from exc

@@ -27,6 +27,7 @@ class VMConfig:
     extra_args: tuple[str, ...] = ()
     qemu_binary: str = "qemu-system-x86_64"
     name: str = "dynamem"
+    sampler: bool = True  # the virtio-serial measurement channel to the in-guest sampler
 
     def __post_init__(self) -> None:
         if self.accel not in ACCELERATORS:
@@ -75,6 +76,10 @@ class RunFiles:
     @property
     def qmp_socket(self) -> Path:
         return self.directory / "qmp.sock"
+
+    @property
+    def sampler_socket(self) -> Path:
+        return self.directory / "sampler.sock"
 
     @property
     def console_log(self) -> Path:
@@ -133,6 +138,12 @@ def build_argv(config: VMConfig, files: RunFiles) -> list[str]:
         "-device",
         "virtio-rng-pci",
     ]
+    if config.sampler:
+        argv += [
+            "-device", "virtio-serial-pci,id=vser0",
+            "-chardev", f"socket,id=sampler,path={files.sampler_socket},server=off",
+            "-device", "virtserialport,bus=vser0.0,chardev=sampler,name=dynamem.sampler",
+        ]  # fmt: skip
     for name, path in sorted(files.fw_cfg.items()):
         argv += ["-fw_cfg", f"name=opt/dynamem/{name},file={path}"]
     argv += list(config.extra_args)

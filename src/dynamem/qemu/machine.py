@@ -15,6 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from dynamem.channel import SamplerChannel
 from dynamem.errors import DeadlineExceeded, GuestCommandError, VMError
 from dynamem.keys import make_keypair
 from dynamem.paths import make_run_dir
@@ -53,6 +54,7 @@ class VM:
         self._process: QemuProcess | None = None
         self._monitor: Monitor | None = None
         self._shell: GuestShell | None = None
+        self._sampler: SamplerChannel | None = None
         self._host_key = ""
         self._failed = False
 
@@ -104,15 +106,21 @@ class VM:
         for attempt in range(3):  # the free port can be taken between probe and bind
             self.files = RunFiles(self.run_dir, free_port(), fw_cfg)
             self._monitor = Monitor(self.files.qmp_socket)
+            if self.config.sampler:
+                self._sampler = SamplerChannel(self.files.sampler_socket)
             self._process = QemuProcess(build_argv(self.config, self.files), self.files.qemu_log)
             self.timings["t0"] = time.monotonic()
             self._process.start()
             try:
                 self._monitor.accept(timeout=30.0, alive=self._process.alive)
+                if self._sampler is not None:
+                    self._sampler.accept(timeout=30.0, alive=self._process.alive)
                 break
             except VMError as exc:
                 tail = self._process.log_tail()
                 self._monitor.close()
+                if self._sampler is not None:
+                    self._sampler.close()
                 self._process.kill()
                 if "host forwarding" in tail and attempt < 2:
                     continue
@@ -130,6 +138,8 @@ class VM:
             if match := READY.search(text):
                 self.kernel_release = match.group(1)
                 self.timings["ready"] = time.monotonic() - self.timings["t0"]
+                if self._sampler is not None:
+                    self._sampler.wait_hello(max(1.0, deadline - time.monotonic()))
                 return
             if err := GUEST_ERROR.search(text):
                 raise VMError(
@@ -157,6 +167,8 @@ class VM:
         try:
             if self._shell is not None:
                 self._shell.close()
+            if self._sampler is not None:
+                self._sampler.close()
             if self._monitor is not None:
                 if self._process is not None and self._process.alive():
                     # Not answering or already gone: SIGKILL below.
@@ -179,7 +191,23 @@ class VM:
             raise VMError("the VM is not running")
         return self._shell
 
+    @property
+    def sampler(self) -> SamplerChannel:
+        if self._sampler is None or self.state is not State.RUNNING:
+            raise VMError("the VM has no running sampler channel")
+        return self._sampler
+
+    @property
+    def monitor(self) -> Monitor:
+        if self._monitor is None or self.state is not State.RUNNING:
+            raise VMError("the VM is not running")
+        return self._monitor
+
     def qmp(self, command: str, timeout: float = 10.0, **args: Any) -> Any:
+        return self.qmp_args(command, args, timeout=timeout)
+
+    def qmp_args(self, command: str, args: dict[str, Any], timeout: float = 10.0) -> Any:
+        """For arguments that are not Python names (e.g. object-add's qom-type)."""
         if self._monitor is None or self.state is not State.RUNNING:
             raise VMError(f"QMP {command}: the VM is not running")
         return self._monitor.cmd(command, args or None, timeout=timeout)

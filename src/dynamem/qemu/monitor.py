@@ -11,7 +11,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from qemu.qmp import ExecuteError, QMPClient, QMPError
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
+from qemu.qmp.message import Message
 
 from dynamem.errors import DeadlineExceeded, VMError
 
@@ -80,6 +81,22 @@ class Monitor:
             return self.run(self._client.execute(command, args), timeout, f"QMP {command}")
         except ExecuteError as exc:
             raise QMPCommandError(command, exc.error_class, exc.error.error.desc) from exc
+
+    def listen(self, names: list[str]) -> EventListener:
+        """Start queueing these events (they arrive while any QMP command runs)."""
+        listener = EventListener(names)
+        self._client.register_listener(listener)
+        return listener
+
+    def drain(self, listener: EventListener) -> list[Message]:
+        """The events queued so far, without waiting for more."""
+        events = []
+        while not listener.empty():
+            events.append(self.run(listener.get(), 1.0, "QMP event"))
+        return events
+
+    def unlisten(self, listener: EventListener) -> None:
+        self._client.remove_listener(listener)
 
     def close(self) -> None:
         if self._loop.is_closed():

@@ -1,0 +1,213 @@
+"""The host half of the measurement channel to the in-guest sampler (virtio-serial).
+
+Every line is stamped with the host's monotonic clock when it arrives, so guest-visible
+completion is measured on the same clock as the QMP request. The channel is FIFO, so a
+ping doubles as a barrier: everything sent before it has arrived once its pong has.
+"""
+
+import contextlib
+import itertools
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from dynamem.errors import DeadlineExceeded, VMError
+
+BASE_COLUMNS = ("totalram_kb", "freeram_kb", "freeswap_kb")
+
+
+@dataclass(frozen=True)
+class Sample:
+    arrival_ns: int  # host monotonic
+    seq: int
+    guest_ns: int  # guest monotonic
+    values: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Round trips host -> guest -> host, in seconds; a one-way delay is below the RTT."""
+
+    rtt_median: float
+    rtt_p95: float
+    rtt_max: float
+    n: int
+
+
+class SamplerChannel:
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(socket_path))
+        self._listener.listen(1)
+        self._conn: socket.socket | None = None
+        self._reader: threading.Thread | None = None
+        self._cond = threading.Condition()
+        self._replies: dict[str, list[str]] = {}
+        self._frames: dict[str, dict[str, bytes]] = {}
+        self._hello = False
+        self._closed = False
+        self._tokens = itertools.count(1)
+        self._send_lock = threading.Lock()
+        self.samples: list[Sample] = []
+        self.columns: tuple[str, ...] = BASE_COLUMNS
+        self.interval_ns = 0
+
+    # -- connection ----------------------------------------------------------------------------
+
+    def accept(self, timeout: float, alive: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            ready, _, _ = select.select([self._listener], [], [], 0.02)
+            if ready:
+                self._conn, _ = self._listener.accept()
+                break
+            if not alive():
+                raise VMError("QEMU exited before connecting the sampler channel")
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(f"QEMU did not connect the sampler within {timeout:g} s")
+        self._reader = threading.Thread(target=self._read_loop, name="sampler", daemon=True)
+        self._reader.start()
+
+    def wait_hello(self, timeout: float) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._hello or self._closed, timeout):
+                raise DeadlineExceeded(f"the guest sampler did not say hello within {timeout:g} s")
+            if not self._hello:
+                raise VMError("the sampler channel closed before the guest sampler started")
+
+    def close(self) -> None:
+        self._closed = True
+        for s in (self._conn, self._listener):
+            if s is not None:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+        if self._reader is not None:
+            self._reader.join(5)
+        self.socket_path.unlink(missing_ok=True)
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def _send(self, line: str) -> None:
+        if self._conn is None or self._closed:
+            raise VMError("the sampler channel is not connected")
+        with self._send_lock:
+            self._conn.sendall(line.encode() + b"\n")
+
+    def _await(self, key: str, timeout: float, what: str) -> list[str]:
+        with self._cond:
+            if not self._cond.wait_for(lambda: key in self._replies or self._closed, timeout):
+                raise DeadlineExceeded(f"guest sampler: no answer to {what} within {timeout:g} s")
+            if key not in self._replies:
+                raise VMError(f"sampler channel closed while waiting for {what}")
+            return self._replies.pop(key)
+
+    def ping(self, timeout: float = 5.0) -> float:
+        """One round trip in seconds; also a barrier for everything sent before."""
+        token = str(next(self._tokens))
+        start = time.monotonic_ns()
+        self._send(f"ping {token}")
+        self._await(f"pong {token}", timeout, "ping")
+        return (time.monotonic_ns() - start) / 1e9
+
+    def calibrate(self, n: int = 30) -> Calibration:
+        rtts = sorted(self.ping() for _ in range(n))
+        return Calibration(rtts[n // 2], rtts[min(n - 1, int(n * 0.95))], rtts[-1], n)
+
+    def configure(self, meminfo: tuple[str, ...] = (), vmstat: tuple[str, ...] = ()) -> None:
+        """Choose the extra fields each sample carries (sampling pauses while changing)."""
+        interval = self.interval_ns
+        self.set_interval(0)
+        self._send("meminfo " + " ".join(meminfo))
+        self._send("vmstat " + " ".join(vmstat))
+        self.ping()
+        self.columns = BASE_COLUMNS + tuple(meminfo) + tuple(vmstat)
+        if interval:
+            self.set_interval(interval)
+
+    def set_interval(self, interval_ns: int) -> None:
+        """Sample every `interval_ns` (0 stops); returns once the guest has the new rate."""
+        self._send(f"interval {interval_ns}")
+        self.ping()
+        self.interval_ns = interval_ns
+
+    def snapshot(self, paths: list[str], timeout: float = 10.0) -> dict[str, str]:
+        """Whole files read by the guest (e.g. /proc/zoneinfo, or 'memblocks')."""
+        token = f"s{next(self._tokens)}"
+        self._send(f"snap {token} " + " ".join(paths))
+        self._await(f"end {token}", timeout, "snapshot")
+        with self._cond:
+            frames = self._frames.pop(token, {})
+        return {p: frames.get(p, b"").decode(errors="replace") for p in paths}
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the sampler process has used in the guest."""
+        token = f"c{next(self._tokens)}"
+        self._send(f"cpu {token}")
+        (ns,) = self._await(f"cpu {token}", 5.0, "cpu")
+        return int(ns) / 1e9
+
+    def mark(self) -> int:
+        return len(self.samples)
+
+    def column(self, name: str) -> int:
+        return self.columns.index(name)
+
+    # -- reader --------------------------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        assert self._conn is not None
+        buf = b""
+        try:
+            while not self._closed:
+                chunk = self._conn.recv(65536)
+                now = time.monotonic_ns()
+                if not chunk:
+                    break
+                buf += chunk
+                buf = self._parse(buf, now)
+        except OSError:
+            pass
+        finally:
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
+
+    def _parse(self, buf: bytes, now: int) -> bytes:
+        while True:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                return buf
+            line = buf[:nl].decode(errors="replace")
+            if line.startswith("f "):
+                _, token, path, size_text = line.split(" ", 3)
+                size = int(size_text)
+                if len(buf) < nl + 1 + size + 1:
+                    return buf  # wait for the rest of the frame
+                data = buf[nl + 1 : nl + 1 + size]
+                buf = buf[nl + 1 + size + 1 :]
+                with self._cond:
+                    self._frames.setdefault(token, {})[path] = data
+                continue
+            buf = buf[nl + 1 :]
+            self._dispatch(line, now)
+
+    def _dispatch(self, line: str, now: int) -> None:
+        words = line.split()
+        if not words:
+            return
+        if words[0] == "s" and len(words) >= 6:
+            nums = [int(w) for w in words[1:]]
+            self.samples.append(Sample(now, nums[0], nums[1], tuple(nums[2:])))
+            return
+        with self._cond:
+            if words[0] == "hello":
+                self._hello = True
+            elif words[0] in ("pong", "end", "cpu") and len(words) >= 2:
+                self._replies[f"{words[0]} {words[1]}"] = words[2:]
+            self._cond.notify_all()

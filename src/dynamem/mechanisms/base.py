@@ -1,0 +1,141 @@
+"""One interface for the three ways to resize a guest, so scenarios say "shrink by 512 MiB".
+
+A mechanism knows what QEMU needs at boot (devices, maxmem/slots), checks a request before
+QEMU is asked, sends it, and reports progress from QEMU's authoritative state. Timing,
+guest observation and the result record live in `dynamem.resize`, shared by all three.
+"""
+
+import abc
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from dynamem.errors import UserError
+from dynamem.units import format_size
+
+if TYPE_CHECKING:
+    from dynamem.qemu.machine import VM
+
+
+class CapabilityLimit(UserError):
+    """The mechanism cannot do this by design (e.g. a balloon growing past boot RAM).
+
+    Inside a suite it becomes the outcome `unsupported`; `dynamem resize` exits 2.
+    """
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Guest memory around one measured step.
+
+    `before` is the guest's size when the measured step starts and `delta` the step
+    (negative shrinks). Hotplug mechanisms boot smaller and plug the difference in an
+    unmeasured preparation step; the balloon boots with its maximum and inflates down.
+    """
+
+    boot: int
+    before: int
+    delta: int
+    capacity: int  # hot(un)pluggable bytes the devices are sized for (0 for the balloon)
+
+    @property
+    def after(self) -> int:
+        return self.before + self.delta
+
+    @property
+    def prepare(self) -> int:
+        """Unmeasured change from boot to `before` (positive: plug; negative: inflate)."""
+        return self.before - self.boot
+
+    @property
+    def direction(self) -> str:
+        return "grow" if self.delta > 0 else "shrink"
+
+
+@dataclass
+class Request:
+    """What was asked of QEMU and what completion looks like on the host side."""
+
+    target: int  # host-reported bytes that mean "done"
+    start: int  # host-reported bytes before the request
+    pending: list[str] = field(default_factory=list)  # e.g. DIMM ids awaiting deletion
+    refused: list[str] = field(default_factory=list)  # reasons the guest or QEMU said no
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Progress:
+    host_bytes: int
+    done: bool
+    refused: tuple[str, ...] = ()
+
+
+class Mechanism(abc.ABC):
+    name: ClassVar[str]
+
+    @property
+    def guest_signal(self) -> str:
+        """What shows the resize inside the guest, sampled fast: "totalram" (MemTotal, from
+        sysinfo, cheap) or "balloon" (pages in the balloon, from /proc/vmstat, costly)."""
+        return "totalram"
+
+    @property
+    def variant(self) -> str:
+        return "default"
+
+    @property
+    def label(self) -> str:
+        return self.name if self.variant == "default" else f"{self.name}/{self.variant}"
+
+    @property
+    @abc.abstractmethod
+    def granularity(self) -> int:
+        """The unit a request must be a multiple of, in bytes."""
+
+    @abc.abstractmethod
+    def plan(self, before: int, delta: int, boot: int | None, maxmem: int | None) -> MemoryPlan:
+        """Boot size and capacity for the step, or a UserError/CapabilityLimit."""
+
+    @abc.abstractmethod
+    def qemu_args(self, plan: MemoryPlan) -> tuple[str, ...]:
+        """Devices and objects to add to the command line."""
+
+    def memory_options(self, plan: MemoryPlan) -> tuple[int | None, int]:
+        """(maxmem, slots) for `-m`."""
+        return None, 0
+
+    def kernel_args(self) -> tuple[str, ...]:
+        return ()
+
+    def vmstat_keys(self) -> tuple[str, ...]:
+        """/proc/vmstat fields the guest sampler must carry for `guest_signal`."""
+        return ()
+
+    @abc.abstractmethod
+    def host_bytes(self, vm: "VM") -> int:
+        """Bytes QEMU says this mechanism currently provides (balloon: the logical size)."""
+
+    @abc.abstractmethod
+    def request(self, vm: "VM", delta: int, start: int) -> Request:
+        """Send the resize to QEMU; returns at once (the guest completes asynchronously).
+
+        `start` is `host_bytes()` read just before, outside the timed window.
+        """
+
+    @abc.abstractmethod
+    def poll(self, vm: "VM", req: Request) -> Progress:
+        """QEMU's authoritative view of the request's progress."""
+
+    def finish(self, vm: "VM", req: Request) -> None:  # noqa: B027 - optional hook
+        """Clean-up after the request ended (e.g. delete unplugged DIMMs' backends)."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"mechanism": self.name, "variant": self.variant}
+
+    # -- shared checks ---------------------------------------------------------------------------
+
+    def check_aligned(self, size: int, what: str) -> None:
+        if size % self.granularity:
+            raise UserError(
+                f"{what} {format_size(abs(size))} is not a multiple of the {self.label} "
+                f"granularity {format_size(self.granularity)}"
+            )
