@@ -17,7 +17,7 @@ import numpy as np
 
 from dynamem.channel import Calibration, Sample
 from dynamem.errors import DeadlineExceeded, UserError
-from dynamem.mechanisms.base import Mechanism, Request
+from dynamem.mechanisms.base import CapabilityLimit, Mechanism, Request
 from dynamem.parsers import hotplug_log_lines, parse_memblocks, summarize_memblocks
 from dynamem.qemu.monitor import QMPCommandError
 
@@ -149,6 +149,8 @@ def resize(
         req = mech.request(vm, delta, start_bytes)
     except QMPCommandError as exc:
         res.outcome, res.message = "refused", str(exc)
+    except CapabilityLimit as exc:
+        res.outcome, res.message = "unsupported", str(exc)
     except UserError as exc:
         res.outcome, res.message = "refused", str(exc)
     if req is not None:

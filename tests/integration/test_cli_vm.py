@@ -122,3 +122,19 @@ def test_doctor_explains_the_accelerator(image):
     res = cli("doctor")
     line = next(x for x in res.stdout.splitlines() if "accelerator" in x)
     assert ("tcg:" in line or "kvm:" in line) and "/dev/kvm" in line
+
+
+def test_resize_prints_a_json_record_with_its_context(image, run_base):
+    import json
+
+    res = cli("resize", "--mechanism", "virtio-mem", "--memory", "1G", "--by", "-128M", "--json")
+    assert res.returncode == 0, res.stderr
+    record = json.loads(res.stdout)
+    result, context = record["result"], record["context"]
+    assert result["outcome"] == "ok"
+    assert result["requested_bytes"] == -128 * 2**20
+    assert result["guest_memtotal_delta_bytes"] == -128 * 2**20
+    assert record["preparation"]["requested_bytes"] == 128 * 2**20
+    assert context["accel"] in ("tcg", "kvm") and context["accel_reason"]
+    assert context["guest_kernel"] == image.kernel_release
+    assert any("virtio_mem" in line for line in context["boot_kernel_log"])

@@ -25,6 +25,18 @@ def run(capsys, *argv):
         (["vm", "exec", "--guest", "nosuchguest", "--", "true"], "unknown guest 'nosuchguest'"),
         (["vm", "exec"], "no command given"),
         (["frobnicate"], "invalid choice"),
+        (
+            ["resize", "--mechanism", "virtio-mem", "--variant", "bbm", "--by", "-64M"],
+            "not a multiple of the virtio-mem/bbm granularity 128M",
+        ),
+        (["resize", "--mechanism", "dimm", "--by", "-100M"], "not a multiple of the dimm"),
+        (["resize", "--mechanism", "balloon", "--by", "+256M"], "above its boot RAM 2G"),
+        (["resize", "--mechanism", "dimm", "--by", "0"], "must be greater than zero"),
+        (["resize", "--mechanism", "dimm", "--by", "-1X"], "malformed resize '1X'"),
+        (["resize", "--mechanism", "dimm", "--by", "+512M", "--maxmem", "2G"], "maxmem is 2G"),
+        (["resize", "--mechanism", "dimm", "--by", "+64G"], "at most 256"),
+        (["resize", "--mechanism", "baloon", "--by", "-1G"], "unknown mechanism 'baloon'"),
+        (["resize", "--mechanism", "balloon", "--by", "-3G"], "cannot shrink a 2G guest"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, needle):

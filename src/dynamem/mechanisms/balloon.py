@@ -18,6 +18,7 @@ class Balloon(Mechanism):
     def __init__(self, deflate_on_oom: bool = False, free_page_reporting: bool = False) -> None:
         self.deflate_on_oom = deflate_on_oom
         self.free_page_reporting = free_page_reporting
+        self.boot: int | None = None
 
     @property
     def variant(self) -> str:
@@ -45,6 +46,7 @@ class Balloon(Mechanism):
             )
         if before + delta <= 0:
             raise UserError(f"cannot shrink a {format_size(before)} guest by {format_size(-delta)}")
+        self.boot = boot
         return MemoryPlan(boot=boot, before=before, delta=delta, capacity=0)
 
     def qemu_args(self, plan: MemoryPlan) -> tuple[str, ...]:
@@ -70,6 +72,11 @@ class Balloon(Mechanism):
 
     def request(self, vm: "VM", delta: int, start: int) -> Request:
         target = start + delta
+        if self.boot is not None and target > self.boot:
+            raise CapabilityLimit(
+                f"virtio-balloon cannot grow the guest to {format_size(target)}: above its "
+                f"boot RAM {format_size(self.boot)}"
+            )
         # QMP `balloon` takes the target logical size of the VM, not the balloon's size.
         vm.qmp("balloon", value=target)
         return Request(target=target, start=start)
