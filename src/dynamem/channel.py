@@ -54,7 +54,11 @@ class SamplerChannel:
         self._tokens = itertools.count(1)
         self._send_lock = threading.Lock()
         self.samples: list[Sample] = []
+        self.full_samples: list[Sample] = []  # the "S" records: what a resize costs
         self.columns: tuple[str, ...] = BASE_COLUMNS
+        self.full_columns: tuple[str, ...] = ()
+        self.every = 0
+        self.batch = 1
         self.interval_ns = 0
 
     # -- connection ----------------------------------------------------------------------------
@@ -119,14 +123,31 @@ class SamplerChannel:
         rtts = sorted(self.ping() for _ in range(n))
         return Calibration(rtts[n // 2], rtts[min(n - 1, int(n * 0.95))], rtts[-1], n)
 
-    def configure(self, meminfo: tuple[str, ...] = (), vmstat: tuple[str, ...] = ()) -> None:
-        """Choose the extra fields each sample carries (sampling pauses while changing)."""
+    def configure(
+        self,
+        meminfo: tuple[str, ...] = (),
+        vmstat: tuple[str, ...] = (),
+        *,
+        full_meminfo: tuple[str, ...] = (),
+        full_vmstat: tuple[str, ...] = (),
+        every: int = 0,
+        batch: int = 1,
+    ) -> None:
+        """Choose the fields of fast samples and of the full record sent with every
+        `every`-th sample (sampling pauses while this changes)."""
         interval = self.interval_ns
         self.set_interval(0)
         self._send("meminfo " + " ".join(meminfo))
         self._send("vmstat " + " ".join(vmstat))
+        self._send("fmeminfo " + " ".join(full_meminfo))
+        self._send("fvmstat " + " ".join(full_vmstat))
+        self._send(f"every {every}")
+        self._send(f"batch {batch}")
         self.ping()
         self.columns = BASE_COLUMNS + tuple(meminfo) + tuple(vmstat)
+        self.full_columns = tuple(full_meminfo) + tuple(full_vmstat)
+        self.every = every
+        self.batch = batch
         if interval:
             self.set_interval(interval)
 
@@ -204,6 +225,10 @@ class SamplerChannel:
         if words[0] == "s" and len(words) >= 6:
             nums = [int(w) for w in words[1:]]
             self.samples.append(Sample(now, nums[0], nums[1], tuple(nums[2:])))
+            return
+        if words[0] == "S" and len(words) >= 3:
+            nums = [int(w) for w in words[1:]]
+            self.full_samples.append(Sample(now, nums[0], nums[1], tuple(nums[2:])))
             return
         with self._cond:
             if words[0] == "hello":

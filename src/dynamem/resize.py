@@ -10,7 +10,8 @@ trip, reported with each result.
 """
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,6 +20,15 @@ from dynamem.channel import Calibration, Sample
 from dynamem.errors import DeadlineExceeded, UserError
 from dynamem.mechanisms.base import CapabilityLimit, Mechanism, Request
 from dynamem.parsers import hotplug_log_lines, parse_memblocks, summarize_memblocks
+from dynamem.probes import host as hostprobe
+from dynamem.probes.figures import (
+    GUEST_FILES,
+    MEMINFO_KEYS,
+    VMSTAT_KEYS,
+    guest_figures,
+    host_figures,
+)
+from dynamem.probes.guestmem import parse_vmstat
 from dynamem.qemu.monitor import QMPCommandError
 
 if TYPE_CHECKING:
@@ -60,9 +70,28 @@ class ResizeResult:
     channel_rtt_p95_s: float | None = None
     kernel_log: list[str] = field(default_factory=list)
     mechanism_config: dict[str, Any] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)  # what it cost (probes.figures)
+    # Time series (numpy arrays; times on the host monotonic clock, ns). Not in to_dict():
+    # see series_lists() and save_series().
+    series: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_dict(self, *, series: bool = False) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "series"}
+        if series:
+            out["series"] = self.series_lists()
+        return out
+
+    def series_lists(self) -> dict[str, list[float]]:
+        """Series for JSON, times as seconds since the request."""
+        t0 = self.t_request_ns or 0
+        return {
+            name: ((arr - t0) / 1e9).round(6).tolist() if name.endswith("t_ns") else arr.tolist()
+            for name, arr in self.series.items()
+        }
+
+    def save_series(self, path: Path) -> None:
+        arrays: dict[str, Any] = {"t_request_ns": np.int64(self.t_request_ns or 0), **self.series}
+        np.savez_compressed(path, **arrays)
 
 
 def guest_signal(mech: Mechanism, columns: tuple[str, ...], samples: list[Sample]) -> np.ndarray:
@@ -96,11 +125,43 @@ def _memblocks(vm: "VM") -> dict[str, int]:
     return summarize_memblocks(parse_memblocks(vm.sampler.snapshot(["memblocks"])["memblocks"]))
 
 
-def _balloon_pages(vm: "VM") -> int:
-    """Pages in the guest's balloon(s) now, from the kernel's own counters."""
-    text = vm.sampler.snapshot(["/proc/vmstat"])["/proc/vmstat"]
-    counters = dict(line.split() for line in text.splitlines() if line.count(" ") == 1)
-    return int(counters.get("balloon_inflate", 0)) - int(counters.get("balloon_deflate", 0))
+def _balloon_pages(vmstat: str) -> int:
+    """Pages in the guest's balloon, from the kernel's own counters."""
+    counters = parse_vmstat(vmstat)
+    return counters.get("balloon_inflate", 0) - counters.get("balloon_deflate", 0)
+
+
+def _settle_host(sampler: hostprobe.HostSampler, settle_s: float, limit_s: float = 10.0) -> None:
+    """Keep sampling QEMU's RSS until it has not moved by more than 1 MiB for `settle_s`."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        time.sleep(settle_s / 5)
+        t = np.array(sampler.t_ns[-200:])
+        rss = np.array(sampler.rss_kb[-200:])
+        if len(t) < 2:
+            continue
+        recent = rss[t >= t[-1] - settle_s * 1e9]
+        if t[-1] - t[0] >= settle_s * 1e9 and recent.max() - recent.min() <= 1024:
+            return
+
+
+def _series(
+    ch: Any, samples: list[Sample], full: list[Sample], host: hostprobe.HostSampler
+) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    if samples:
+        fast = np.array([s.values for s in samples], dtype=np.int64)
+        out["guest_t_ns"] = np.array([s.arrival_ns for s in samples], dtype=np.int64)
+        out["guest_clock_ns"] = np.array([s.guest_ns for s in samples], dtype=np.int64)
+        for i, name in enumerate(ch.columns):
+            out[f"guest_{name}"] = fast[:, i]
+    if full:
+        slow = np.array([s.values for s in full], dtype=np.int64)
+        out["full_t_ns"] = np.array([s.arrival_ns for s in full], dtype=np.int64)
+        for i, name in enumerate(ch.full_columns):
+            out[f"full_{name}"] = slow[:, i]
+    out.update(host.arrays())
+    return out
 
 
 def _dmesg_lines(vm: "VM") -> list[str]:
@@ -117,6 +178,7 @@ def resize(
     settle_s: float = 0.5,
     poll_interval_s: float = 0.002,
     sample_interval_s: float = 0.002,
+    full_interval_s: float = 0.02,
     calibration: Calibration | None = None,
 ) -> ResizeResult:
     """Perform one resize and measure it; failures of the mechanism become outcomes."""
@@ -128,16 +190,23 @@ def resize(
         mechanism_config=mech.describe(),
     )
     ch = vm.sampler
-    ch.configure(vmstat=mech.vmstat_keys())
+    ch.configure(
+        vmstat=mech.vmstat_keys(),
+        full_meminfo=MEMINFO_KEYS,
+        full_vmstat=VMSTAT_KEYS,
+        every=max(1, round(full_interval_s / sample_interval_s)),
+    )
     cal = calibration or ch.calibrate(20)
     res.channel_rtt_median_s, res.channel_rtt_p95_s = cal.rtt_median, cal.rtt_p95
     dmesg_before = _dmesg_lines(vm)
     res.memory_blocks_before = _memblocks(vm)
     res.host_before_bytes = mech.host_bytes(vm)
-    balloon_before = _balloon_pages(vm)
+    guest_before = ch.snapshot(list(GUEST_FILES))
+    host_before = hostprobe.snapshot(vm.pid)
+    host_sampler = hostprobe.HostSampler(vm.pid, full_interval_s).start()
     cpu_before = ch.cpu_seconds()
 
-    mark = ch.mark()
+    mark, full_mark = ch.mark(), len(ch.full_samples)
     ch.set_interval(int(sample_interval_s * 1e9))
     _wait_samples(vm, mark, 3)
     req: Request | None = None
@@ -158,9 +227,11 @@ def resize(
             vm, mech, req, res, poll_times, deadline_s, stall_s, poll_interval_s
         )
     _settle(vm, mech, mark, settle_s, deadline_s)
-    ch.set_interval(0)
     if req is not None:
         mech.finish(vm, req)
+    _settle_host(host_sampler, settle_s)
+    ch.set_interval(0)
+    host_sampler.stop()
 
     samples = ch.samples[mark:]
     res.samples = len(samples)
@@ -169,8 +240,18 @@ def resize(
     if len(poll_times) > 1:
         res.poll_period_median_s = float(np.median(np.diff(poll_times))) / 1e9
     _guest_view(mech, ch.columns, samples, res, cal)
+    guest_after = ch.snapshot(list(GUEST_FILES))
+    host_after = hostprobe.snapshot(vm.pid)
     if mech.name == "balloon":
-        res.guest_balloon_delta_bytes = (_balloon_pages(vm) - balloon_before) * PAGE
+        res.guest_balloon_delta_bytes = (
+            _balloon_pages(guest_after["/proc/vmstat"])
+            - _balloon_pages(guest_before["/proc/vmstat"])
+        ) * PAGE
+    res.series = _series(ch, samples, ch.full_samples[full_mark:], host_sampler)
+    res.figures = {
+        "guest": guest_figures(guest_before, guest_after),
+        "host": host_figures(host_before, host_after, res.series, t_req),
+    }
     res.host_after_bytes = mech.host_bytes(vm)
     res.host_done_bytes = res.host_after_bytes - res.host_before_bytes
     if res.t_host_done_ns is not None:

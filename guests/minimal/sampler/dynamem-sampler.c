@@ -9,6 +9,12 @@
  *   interval <ns>             sample every <ns> nanoseconds (0 stops sampling)
  *   meminfo <key>...          /proc/meminfo fields carried in each sample (kB)
  *   vmstat <key>...           /proc/vmstat fields carried in each sample
+ *   fmeminfo <key>...         /proc/meminfo fields of the full record (kB)
+ *   fvmstat <key>...          /proc/vmstat fields of the full record
+ *   every <n>                 send a full record with every n-th sample (0: never)
+ *   batch <n>                 hold samples until n are pending (1: send each at once);
+ *                             each write to the port costs a virtqueue kick, which under
+ *                             TCG dominates the sampler's cost at low rates
  *   ping <token>              answered at once with "pong <token> <guest_ns>"
  *   snap <token> <path>...    whole files, framed as "f <token> <path> <bytes>\n<bytes>\n";
  *                             the path "memblocks" lists memory blocks, state, valid zones
@@ -17,6 +23,9 @@
  *
  * It sends "hello 1" at start; each sample is
  *   s <seq> <guest_monotonic_ns> <totalram_kB> <freeram_kB> <freeswap_kB> <meminfo...> <vmstat...>
+ * and every n-th sample is followed by
+ *   S <seq> <guest_monotonic_ns> <fmeminfo...> <fvmstat...>
+ * Fast samples time a resize; full records (at a lower rate) show what it cost.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -40,6 +49,7 @@ struct keyset {
 	int n;
 	char keys[MAX_KEYS][KEY_LEN];
 	unsigned long long values[MAX_KEYS];
+	int line_of[MAX_KEYS]; /* cached line index of each key: /proc files keep their order */
 };
 
 static int port = -1;
@@ -47,6 +57,13 @@ static long long interval_ns;
 static unsigned long long seq;
 static struct keyset meminfo = { .path = "/proc/meminfo", .fd = -1 };
 static struct keyset vmstat = { .path = "/proc/vmstat", .fd = -1 };
+static struct keyset fmeminfo = { .path = "/proc/meminfo", .fd = -1 };
+static struct keyset fvmstat = { .path = "/proc/vmstat", .fd = -1 };
+static long every;
+static long batch = 1;
+static char outbuf[64 * 1024];
+static size_t outlen;
+static long pending;
 static char filebuf[BUF_SIZE];
 
 static long long now_ns(void)
@@ -56,7 +73,7 @@ static long long now_ns(void)
 	return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-static void send_all(const char *buf, size_t len)
+static void write_all(const char *buf, size_t len)
 {
 	while (len > 0) {
 		ssize_t n = write(port, buf, len);
@@ -68,6 +85,31 @@ static void send_all(const char *buf, size_t len)
 		buf += n;
 		len -= (size_t)n;
 	}
+}
+
+static void flush(void)
+{
+	if (outlen)
+		write_all(outbuf, outlen);
+	outlen = 0;
+	pending = 0;
+}
+
+/* Replies keep their place in the stream: anything batched goes out first. */
+static void send_all(const char *buf, size_t len)
+{
+	flush();
+	write_all(buf, len);
+}
+
+static void queue_sample(const char *buf, size_t len)
+{
+	if (outlen + len > sizeof outbuf)
+		flush();
+	memcpy(outbuf + outlen, buf, len);
+	outlen += len;
+	if (++pending >= batch)
+		flush();
 }
 
 static ssize_t read_file(int fd, const char *path, char *buf, size_t size)
@@ -88,30 +130,68 @@ static ssize_t read_file(int fd, const char *path, char *buf, size_t size)
 	return total;
 }
 
-/* Fill ks->values from "key[:] value" lines, in the order the host asked for. */
+static int key_matches(const char *line, const char *key)
+{
+	size_t klen = strlen(key);
+	return strncmp(line, key, klen) == 0 && (line[klen] == ':' || line[klen] == ' ');
+}
+
+static unsigned long long value_after_key(const char *line, const char *key)
+{
+	const char *p = line + strlen(key);
+	p += strspn(p, ": ");
+	return strtoull(p, NULL, 10);
+}
+
+/*
+ * Fill ks->values from "key[:] value" lines, in the order the host asked for. Under TCG
+ * every instruction is emulated, so the line index of each key is cached and only those
+ * lines are compared; a miss (a kernel that reordered) falls back to a full scan.
+ */
 static void read_keys(struct keyset *ks)
 {
-	char *line, *save = NULL;
+	char *lines[1024];
+	int nlines = 0;
 	if (ks->n == 0)
 		return;
 	if (ks->fd < 0)
 		ks->fd = open(ks->path, O_RDONLY | O_CLOEXEC);
 	if (read_file(ks->fd, ks->path, filebuf, sizeof filebuf) < 0)
 		return;
-	for (line = strtok_r(filebuf, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
-		size_t klen = strcspn(line, ": ");
-		for (int i = 0; i < ks->n; i++) {
-			if (strlen(ks->keys[i]) == klen && strncmp(line, ks->keys[i], klen) == 0) {
-				ks->values[i] = strtoull(line + klen + 1 + strspn(line + klen + 1, ": "), NULL, 10);
-				break;
-			}
-		}
+	for (char *p = filebuf; *p && nlines < 1024;) {
+		char *nl = strchr(p, '\n');
+		lines[nlines++] = p;
+		if (!nl)
+			break;
+		*nl = 0;
+		p = nl + 1;
 	}
+	for (int i = 0; i < ks->n; i++) {
+		int at = ks->line_of[i];
+		if (at < 0 || at >= nlines || !key_matches(lines[at], ks->keys[i])) {
+			ks->line_of[i] = -1;
+			for (int j = 0; j < nlines; j++) {
+				if (key_matches(lines[j], ks->keys[i])) {
+					ks->line_of[i] = j;
+					break;
+				}
+			}
+			at = ks->line_of[i];
+		}
+		ks->values[i] = at >= 0 ? value_after_key(lines[at], ks->keys[i]) : 0;
+	}
+}
+
+static int append_values(char *line, int len, int size, const struct keyset *ks)
+{
+	for (int i = 0; i < ks->n && len < size - 24; i++)
+		len += snprintf(line + len, size - len, " %llu", ks->values[i]);
+	return len;
 }
 
 static void sample(void)
 {
-	char line[4096];
+	char line[8192];
 	struct sysinfo si;
 	long long t = now_ns();
 	int len;
@@ -123,12 +203,18 @@ static void sample(void)
 		       (unsigned long long)si.totalram * unit / 1024,
 		       (unsigned long long)si.freeram * unit / 1024,
 		       (unsigned long long)si.freeswap * unit / 1024);
-	for (int i = 0; i < meminfo.n && len < (int)sizeof line - 24; i++)
-		len += snprintf(line + len, sizeof line - len, " %llu", meminfo.values[i]);
-	for (int i = 0; i < vmstat.n && len < (int)sizeof line - 24; i++)
-		len += snprintf(line + len, sizeof line - len, " %llu", vmstat.values[i]);
+	len = append_values(line, len, sizeof line, &meminfo);
+	len = append_values(line, len, sizeof line, &vmstat);
 	line[len++] = '\n';
-	send_all(line, (size_t)len);
+	if (every > 0 && seq % every == 1 % every) {
+		read_keys(&fmeminfo);
+		read_keys(&fvmstat);
+		len += snprintf(line + len, sizeof line - len, "S %llu %lld", seq - 1, t);
+		len = append_values(line, len, sizeof line, &fmeminfo);
+		len = append_values(line, len, sizeof line, &fvmstat);
+		line[len++] = '\n';
+	}
+	queue_sample(line, (size_t)len);
 }
 
 static void set_keys(struct keyset *ks, char *args)
@@ -137,6 +223,7 @@ static void set_keys(struct keyset *ks, char *args)
 	ks->n = 0;
 	for (word = strtok_r(args, " ", &save); word && ks->n < MAX_KEYS; word = strtok_r(NULL, " ", &save)) {
 		snprintf(ks->keys[ks->n], KEY_LEN, "%s", word);
+		ks->line_of[ks->n] = -1;
 		ks->values[ks->n++] = 0;
 	}
 }
@@ -190,11 +277,21 @@ static void command(char *cmd)
 	else
 		args = cmd + strlen(cmd);
 	if (strcmp(cmd, "interval") == 0) {
+		flush();
 		interval_ns = atoll(args);
 	} else if (strcmp(cmd, "meminfo") == 0) {
 		set_keys(&meminfo, args);
 	} else if (strcmp(cmd, "vmstat") == 0) {
 		set_keys(&vmstat, args);
+	} else if (strcmp(cmd, "fmeminfo") == 0) {
+		set_keys(&fmeminfo, args);
+	} else if (strcmp(cmd, "fvmstat") == 0) {
+		set_keys(&fvmstat, args);
+	} else if (strcmp(cmd, "every") == 0) {
+		every = atol(args);
+	} else if (strcmp(cmd, "batch") == 0) {
+		flush();
+		batch = atol(args) > 0 ? atol(args) : 1;
 	} else if (strcmp(cmd, "ping") == 0) {
 		int n = snprintf(out, sizeof out, "pong %s %lld\n", args, now_ns());
 		send_all(out, (size_t)n);
