@@ -5,6 +5,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
@@ -191,6 +192,18 @@ def cmd_bench_resize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_sampler(args: argparse.Namespace) -> int:
+    from dynamem.selfbench import bench_sampler
+
+    plan = _plan(args)
+    print(
+        f"{plan.accel.accel}: sampler CPU over {args.seconds:g} s per mode (target: <= 1% "
+        "of one vCPU at 50 Hz)"
+    )
+    bench_sampler(plan, args.seconds, print)
+    return 0
+
+
 def cmd_bench_build(args: argparse.Namespace) -> int:
     import statistics
 
@@ -206,6 +219,21 @@ def cmd_bench_build(args: argparse.Namespace) -> int:
         f"(runs: {', '.join(f'{t * 1000:.1f}' for t in hit)}; target < 1 s)"
     )
     return 0
+
+
+def _fraction_or_size(text: str | None, memory: int) -> int:
+    """'60%' of the guest's memory, or a size; 0 when not given."""
+    if not text:
+        return 0
+    if text.endswith("%"):
+        try:
+            pct = float(text[:-1])
+        except ValueError:
+            raise UserError(f"malformed percentage {text!r}") from None
+        if not 0 < pct < 100:
+            raise UserError(f"percentage {text!r} must be between 0 and 100")
+        return int(memory * pct / 100) // (1 << 20) * (1 << 20)
+    return parse_size(text, what="size")
 
 
 def _signed_size(text: str) -> int:
@@ -233,6 +261,11 @@ def cmd_resize(args: argparse.Namespace) -> int:
         mech,
         mplan,
         ready_timeout=args.ready_timeout,
+        touch=_fraction_or_size(args.touch, args.memory),
+        stress=_fraction_or_size(args.stress, args.memory),
+        warmup=args.warmup,
+        swap=args.swap,
+        swap_size=args.swap_size,
         guest=args.guest,
         cpus=args.cpus,
         accel_request=args.accel,
@@ -240,8 +273,10 @@ def cmd_resize(args: argparse.Namespace) -> int:
         memhp_default_state=args.memhp_default_state,
         kernel_args=tuple(args.kernel_arg),
     )
+    if args.series_out:
+        single.result.save_series(args.series_out)
     if args.json:
-        print(json.dumps(single.to_dict(), indent=1))
+        print(json.dumps(single.to_dict(series=args.series_out is None), indent=1))
     else:
         _print_result(single.result, single.context)
     return 0 if single.result.outcome == "ok" else 1
@@ -326,7 +361,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dimm-size", type=_size, default="128M", help="DIMM size (default 128M)")
     p.add_argument("--deflate-on-oom", action="store_true", help="balloon option")
     p.add_argument("--free-page-reporting", action="store_true", help="balloon option")
-    p.add_argument("--json", action="store_true", help="print the full record as JSON")
+    p.add_argument(
+        "--json", action="store_true", help="print the full record as JSON (with the time series)"
+    )
+    p.add_argument(
+        "--series-out",
+        type=Path,
+        metavar="FILE.npz",
+        help="write the time series to a numpy .npz file instead of the JSON",
+    )
+    p.add_argument(
+        "--swap",
+        default="disk",
+        choices=("disk", "zram", "none"),
+        help="guest swap (default: a sparse virtio-blk disk)",
+    )
+    p.add_argument("--swap-size", type=_size, default="1G", help="guest swap size (default 1G)")
+    p.add_argument(
+        "--stress",
+        metavar="SIZE|PCT",
+        help="hold `stress --vm-bytes SIZE --vm-keep -m 1` during the step, e.g. 60%%",
+    )
+    p.add_argument(
+        "--touch",
+        metavar="SIZE|PCT",
+        help="touch this much guest memory and free it before the step",
+    )
+    p.add_argument(
+        "--warmup",
+        action="store_true",
+        help="do the step and its reverse once, unmeasured, before the measured step",
+    )
     p.set_defaults(func=cmd_resize)
 
     p = sub.add_parser("doctor", help="check QEMU, the accelerator, the guest image, host tools")
@@ -349,6 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--poll-interval", type=float, default=0.002, help="seconds (default 0.002)")
     p.set_defaults(func=cmd_bench_resize)
+    p = bsub.add_parser("sampler", help="CPU cost of the in-guest sampler per sampling mode")
+    _vm_options(p)
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.set_defaults(func=cmd_bench_sampler)
     p = bsub.add_parser("build", help="guest build from the warm package cache, and a cache hit")
     p.add_argument("guest", nargs="?", default="minimal")
     p.add_argument("--repeats", type=int, default=3)

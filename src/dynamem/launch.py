@@ -1,6 +1,7 @@
 """From command-line choices to a ready VMConfig: guest image, QEMU check, accelerator."""
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from dynamem.errors import UserError
 from dynamem.guest.build import GuestImage, find_image
@@ -40,10 +41,24 @@ def plan_vm(
     memhp_default_state: str = "online_movable",
     kernel_args: tuple[str, ...] = (),
     extra_args: tuple[str, ...] = (),
+    swap: str = "none",
+    swap_size: int = 1 << 30,
 ) -> Plan:
     """Validate everything that can be checked before a QEMU is started."""
     if accel_request not in (None, "auto", "kvm", "tcg"):
         raise UserError(f"unknown accelerator {accel_request!r} (choose from auto, kvm, tcg)")
+    # Configuration errors first: nothing is probed or started for a plan that cannot run.
+    VMConfig(
+        kernel=Path("/"),
+        initrd=Path("/"),
+        memory=memory,
+        maxmem=maxmem,
+        slots=slots,
+        cpus=cpus,
+        memhp_default_state=memhp_default_state,
+        swap=swap,
+        swap_size=swap_size,
+    )
     version = check_qemu(qemu)
     image = find_image(load_recipe(guest))
     choice = accel.choose(accel_request, qemu, image.kernel)
@@ -59,5 +74,7 @@ def plan_vm(
         kernel_args=kernel_args,
         extra_args=extra_args,
         qemu_binary=qemu,
+        swap=swap,
+        swap_size=swap_size,
     )
     return Plan(config, image, choice, version)

@@ -55,3 +55,18 @@ def hotplug_log_lines(dmesg: str) -> list[str]:
         for line in dmesg.splitlines()
         if any(w.lower() in line.lower() for w in HOTPLUG_LOG_WORDS)
     ]
+
+
+def parse_kmsg(text: str) -> list[str]:
+    """/dev/kmsg records ("prio,seq,usec,flags;message") -> "[   sec.usec] message" lines."""
+    lines = []
+    for record in text.splitlines():
+        if record.startswith(" "):  # continuation ("KEY=value" dictionary lines)
+            continue
+        head, sep, message = record.partition(";")
+        fields = head.split(",")
+        if not sep or len(fields) < 3 or not fields[2].isdigit():
+            continue
+        usec = int(fields[2])
+        lines.append(f"[{usec // 1_000_000:5d}.{usec % 1_000_000:06d}] {message}")
+    return lines

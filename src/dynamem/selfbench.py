@@ -222,3 +222,43 @@ def bench_build(guest: str, repeats: int) -> tuple[list[float], list[float]]:
         hit.append(time.monotonic() - start)
         assert was_hit
     return rebuild, hit
+
+
+def bench_sampler(plan: Plan, seconds: float, report: Callable[[str], None]) -> dict[str, float]:
+    """CPU the in-guest sampler uses, as a fraction of one vCPU, at 50 Hz and at the resize
+    rate (from its own /proc/self/schedstat)."""
+    from dynamem.probes.figures import MEMINFO_KEYS, VMSTAT_KEYS
+
+    modes: list[tuple[str, dict[str, object], int]] = [
+        ("idle (not sampling)", {}, 0),
+        ("50 Hz, MemTotal/MemFree/SwapFree only", {}, 20_000_000),
+        (
+            "50 Hz, + meminfo and vmstat fields",
+            {"full_meminfo": MEMINFO_KEYS, "full_vmstat": VMSTAT_KEYS, "every": 1},
+            20_000_000,
+        ),
+        (
+            "50 Hz full, batched by 10",
+            {"full_meminfo": MEMINFO_KEYS, "full_vmstat": VMSTAT_KEYS, "every": 1, "batch": 10},
+            20_000_000,
+        ),
+        (
+            "500 Hz fast + 50 Hz full (during a resize)",
+            {"full_meminfo": MEMINFO_KEYS, "full_vmstat": VMSTAT_KEYS, "every": 10},
+            2_000_000,
+        ),
+    ]
+    out: dict[str, float] = {}
+    with VM(plan.config) as vm:
+        vm.start()
+        ch = vm.sampler
+        for label, options, interval in modes:
+            ch.configure(**options)  # type: ignore[arg-type]
+            before = ch.cpu_seconds()
+            ch.set_interval(interval)
+            time.sleep(seconds)
+            ch.set_interval(0)
+            share = (ch.cpu_seconds() - before) / seconds
+            out[label] = share
+            report(f"{label:44} {share * 100:6.2f}% of one vCPU")
+    return out

@@ -13,6 +13,7 @@ from dynamem.parsers import hotplug_log_lines
 from dynamem.qemu.machine import VM
 from dynamem.resize import ResizeResult, resize
 from dynamem.units import format_size
+from dynamem.workloads import Stress, touch_and_free
 
 
 @dataclass
@@ -21,11 +22,11 @@ class SingleResize:
     context: dict[str, Any] = field(default_factory=dict)
     preparation: ResizeResult | None = None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, series: bool = False) -> dict[str, Any]:
         return {
             "context": self.context,
             "preparation": self.preparation.to_dict() if self.preparation else None,
-            "result": self.result.to_dict(),
+            "result": self.result.to_dict(series=series),
         }
 
 
@@ -56,6 +57,8 @@ def context_of(plan: Plan, vm: VM, mplan: MemoryPlan) -> dict[str, Any]:
         "maxmem": plan.config.maxmem,
         "slots": plan.config.slots,
         "memhp_default_state": plan.config.memhp_default_state,
+        "swap": plan.config.swap,
+        "swap_size": plan.config.swap_size if plan.config.swap != "none" else 0,
         "kernel_cmdline": plan.config.cmdline,
         "before_bytes": mplan.before,
         "dynamem_version": __version__,
@@ -74,8 +77,17 @@ def _cpu_model() -> str:
 
 
 def run_single(
-    mech: Mechanism, mplan: MemoryPlan, *, ready_timeout: float = 180.0, **vm_options: Any
+    mech: Mechanism,
+    mplan: MemoryPlan,
+    *,
+    ready_timeout: float = 180.0,
+    touch: int = 0,
+    stress: int = 0,
+    warmup: bool = False,
+    **vm_options: Any,
 ) -> SingleResize:
+    """Boot, prepare, optionally warm up (the same step and back, unmeasured), optionally
+    touch-and-free memory or hold a stress working set, then measure one resize."""
     plan = plan_for(mech, mplan, **vm_options)
     with VM(plan.config) as vm:
         vm.start(ready_timeout=ready_timeout)
@@ -91,5 +103,18 @@ def run_single(
                     f"{'plug' if mplan.prepare > 0 else 'inflate'}) did not complete: "
                     f"{prep.outcome} {prep.message}"
                 )
+        if warmup:
+            for step in (mplan.delta, -mplan.delta):
+                if resize(vm, mech, step).outcome != "ok":
+                    vm.mark_failed()
+                    raise VMError("the warm-up step did not complete")
+        if touch:
+            touch_and_free(vm, touch)
+        workload = Stress(stress) if stress else None
+        if workload is not None:
+            context["stress_ready_s"] = workload.start(vm)
+        context["workload"] = {"stress_bytes": stress, "touched_bytes": touch, "warmup": warmup}
         result = resize(vm, mech, mplan.delta)
+        if workload is not None:
+            workload.stop(vm)
         return SingleResize(result, context, prep)

@@ -79,3 +79,23 @@ def test_extra_arguments_come_last_in_order():
 def test_invalid_configs_are_user_errors(kw, message):
     with pytest.raises(UserError, match=message):
         config(**kw)
+
+
+def test_swap_disk_is_a_sparse_virtio_blk_with_a_serial():
+    argv = build_argv(config(swap="disk"), files())
+    assert "file=/run/d/swap.img,if=none,id=swap0,format=raw,discard=unmap" in value_after(
+        argv, "-drive"
+    )
+    assert "virtio-blk-pci,drive=swap0,serial=dynamem-swap" in value_after(argv, "-device")
+    assert "dynamem.swap=disk" in config(swap="disk").cmdline.split()
+
+
+def test_zram_swap_is_a_kernel_argument_only():
+    c = config(swap="zram", swap_size=512 * MiB)
+    assert f"dynamem.swap=zram:{512 * MiB}" in c.cmdline.split()
+    assert "-drive" not in build_argv(c, files())
+
+
+def test_unknown_swap_kind():
+    with pytest.raises(UserError, match="unknown swap kind 'nfs'"):
+        config(swap="nfs")

@@ -17,7 +17,9 @@
  *                             TCG dominates the sampler's cost at low rates
  *   ping <token>              answered at once with "pong <token> <guest_ns>"
  *   snap <token> <path>...    whole files, framed as "f <token> <path> <bytes>\n<bytes>\n";
- *                             the path "memblocks" lists memory blocks, state, valid zones
+ *                             the path "memblocks" lists memory blocks, state, valid zones;
+ *                             "kmsg" is the kernel log as /dev/kmsg records (no dmesg
+ *                             process, so nothing new is allocated while a resize is measured)
  *   cpu <token>               "cpu <token> <ns>": CPU time this sampler has used, from
  *                             /proc/self/schedstat (exact, unlike tick-sampled utime)
  *
@@ -268,6 +270,27 @@ static void snap_memblocks(const char *token)
 	send_frame(token, "memblocks", filebuf, used);
 }
 
+static void snap_kmsg(const char *token)
+{
+	char rec[8192];
+	size_t used = 0;
+	int fd = open("/dev/kmsg", O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+	while (fd >= 0) {
+		ssize_t n = read(fd, rec, sizeof rec - 1);
+		if (n < 0 && errno == EPIPE)
+			continue; /* records overwritten while reading: go on with the next */
+		if (n <= 0)
+			break;
+		if (used + (size_t)n < sizeof filebuf) {
+			memcpy(filebuf + used, rec, (size_t)n);
+			used += (size_t)n;
+		}
+	}
+	if (fd >= 0)
+		close(fd);
+	send_frame(token, "kmsg", filebuf, used);
+}
+
 static void command(char *cmd)
 {
 	char out[256];
@@ -307,6 +330,8 @@ static void command(char *cmd)
 		while ((path = strtok_r(NULL, " ", &save))) {
 			if (strcmp(path, "memblocks") == 0) {
 				snap_memblocks(token);
+			} else if (strcmp(path, "kmsg") == 0) {
+				snap_kmsg(token);
 			} else {
 				ssize_t len = read_file(-1, path, filebuf, sizeof filebuf);
 				send_frame(token, path, filebuf, len < 0 ? 0 : (size_t)len);
@@ -315,6 +340,14 @@ static void command(char *cmd)
 		int n = snprintf(out, sizeof out, "end %s\n", token);
 		send_all(out, (size_t)n);
 	}
+}
+
+/* The same for the stack the deepest paths will use. */
+static void __attribute__((noinline)) prefault_stack(void)
+{
+	volatile char pad[64 * 1024];
+	for (size_t i = 0; i < sizeof pad; i += 4096)
+		pad[i] = 0;
 }
 
 int main(int argc, char **argv)
@@ -330,6 +363,21 @@ int main(int argc, char **argv)
 	if (port < 0) {
 		perror(argv[1]);
 		return 1;
+	}
+	/* Touch every buffer now, at boot: pages first touched later could land in memory that
+	 * is hotplugged afterwards and would then have to be migrated when it is unplugged. */
+	memset(filebuf, 0, sizeof filebuf);
+	memset(outbuf, 0, sizeof outbuf);
+	memset(inbuf, 0, sizeof inbuf);
+	prefault_stack();
+	{
+		/* ... and the heap that scandir() will reuse for "memblocks" snapshots. */
+		struct dirent **list;
+		int n = scandir("/sys/devices/system/memory", &list, NULL, NULL);
+		for (int i = 0; i < n; i++)
+			free(list[i]);
+		if (n > 0)
+			free(list);
 	}
 	send_all("hello 1\n", 8);
 	for (;;) {

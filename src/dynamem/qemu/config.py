@@ -7,6 +7,7 @@ from dynamem.errors import UserError
 from dynamem.units import MiB, format_size
 
 ACCELERATORS = ("kvm", "tcg")
+SWAP_KINDS = ("none", "disk", "zram")
 ONLINE_STATES = ("online", "online_kernel", "online_movable", "offline")
 
 
@@ -28,6 +29,9 @@ class VMConfig:
     qemu_binary: str = "qemu-system-x86_64"
     name: str = "dynamem"
     sampler: bool = True  # the virtio-serial measurement channel to the in-guest sampler
+    # Guest swap: a virtio-blk disk backed by a sparse file in the run directory, or zram.
+    swap: str = "none"
+    swap_size: int = 1024 * MiB
 
     def __post_init__(self) -> None:
         if self.accel not in ACCELERATORS:
@@ -52,6 +56,20 @@ class VMConfig:
             raise UserError(f"slots must be between 0 and 256, got {self.slots}")
         if self.slots and self.maxmem is None:
             raise UserError("memory slots need maxmem")
+        if self.swap not in SWAP_KINDS:
+            raise UserError(
+                f"unknown swap kind {self.swap!r} (choose from {', '.join(SWAP_KINDS)})"
+            )
+        if self.swap != "none" and (self.swap_size <= 0 or self.swap_size % MiB):
+            raise UserError(f"swap size {self.swap_size} must be a positive multiple of 1 MiB")
+
+    @property
+    def swap_args(self) -> tuple[str, ...]:
+        if self.swap == "disk":
+            return ("dynamem.swap=disk",)
+        if self.swap == "zram":
+            return (f"dynamem.swap=zram:{self.swap_size}",)
+        return ()
 
     @property
     def cmdline(self) -> str:
@@ -60,6 +78,7 @@ class VMConfig:
             "edd=off",
             "panic=-1",
             f"memhp_default_state={self.memhp_default_state}",
+            *self.swap_args,
             *self.kernel_args,
         ]
         return " ".join(words)
@@ -80,6 +99,10 @@ class RunFiles:
     @property
     def sampler_socket(self) -> Path:
         return self.directory / "sampler.sock"
+
+    @property
+    def swap_image(self) -> Path:
+        return self.directory / "swap.img"
 
     @property
     def console_log(self) -> Path:
@@ -143,6 +166,11 @@ def build_argv(config: VMConfig, files: RunFiles) -> list[str]:
             "-device", "virtio-serial-pci,id=vser0",
             "-chardev", f"socket,id=sampler,path={files.sampler_socket},server=off",
             "-device", "virtserialport,bus=vser0.0,chardev=sampler,name=dynamem.sampler",
+        ]  # fmt: skip
+    if config.swap == "disk":
+        argv += [
+            "-drive", f"file={files.swap_image},if=none,id=swap0,format=raw,discard=unmap",
+            "-device", "virtio-blk-pci,drive=swap0,serial=dynamem-swap",
         ]  # fmt: skip
     for name, path in sorted(files.fw_cfg.items()):
         argv += ["-fw_cfg", f"name=opt/dynamem/{name},file={path}"]

@@ -103,6 +103,9 @@ class VM:
         host = make_keypair(keys, "hostkey")
         self._host_key = host.public_line
         fw_cfg = {"authorized_keys": client.public, "hostkey": host.private}
+        if self.config.swap == "disk":
+            with open(self.run_dir / "swap.img", "wb") as f:
+                f.truncate(self.config.swap_size)  # sparse: costs host disk only when used
         for attempt in range(3):  # the free port can be taken between probe and bind
             self.files = RunFiles(self.run_dir, free_port(), fw_cfg)
             self._monitor = Monitor(self.files.qmp_socket)
