@@ -308,6 +308,19 @@ def _print_result(r: "ResizeResult", ctx: dict[str, object]) -> None:
         + f", visible after {ms(r.guest_latency_s)} (+/- {ms(r.guest_bound_s)})"
     )
     print(f"  memory blocks before {r.memory_blocks_before} after {r.memory_blocks_after}")
+    if r.figures:
+        g, h = r.figures["guest"], r.figures["host"]
+        moved = [z.split("/")[-1] for z, m in g["watermarks_moved"].items() if m]
+        print(
+            f"  cost:  {g['pages_migrated']} pages migrated, swap out/in {g['swap_out_pages']}/"
+            f"{g['swap_in_pages']} pages, {g['compaction_stalls']} compaction stalls, "
+            f"{g['oom_kills']} OOM kills; watermarks recomputed in: {', '.join(moved) or 'none'}"
+        )
+        settle = "-" if h["rss_settle_s"] is None else f"{h['rss_settle_s']:.2f} s"
+        print(
+            f"  host:  QEMU RSS {size(-h['rss_reclaimed_bytes'])} (settled after {settle}), "
+            f"AnonHugePages {h['anon_huge_before_kb'] >> 10} -> {h['anon_huge_after_kb'] >> 10} MiB"
+        )
     print(f"  {ctx['accel']}, QEMU {ctx['qemu_version']}, guest {ctx['guest_kernel']}")
 
 
