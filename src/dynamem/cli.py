@@ -317,10 +317,9 @@ def _print_result(r: "ResizeResult", ctx: dict[str, object]) -> None:
             f"{g['oom_kills']} OOM kills; watermarks recomputed in: {', '.join(moved) or 'none'}"
         )
         settle = "-" if h["rss_settle_s"] is None else f"{h['rss_settle_s']:.2f} s"
-        print(
-            f"  host:  QEMU RSS {size(-h['rss_reclaimed_bytes'])} (settled after {settle}), "
-            f"AnonHugePages {h['anon_huge_before_kb'] >> 10} -> {h['anon_huge_after_kb'] >> 10} MiB"
-        )
+        rss = -h["rss_reclaimed_bytes"] / 2**20
+        thp = f"{h['anon_huge_before_kb'] >> 10} -> {h['anon_huge_after_kb'] >> 10} MiB"
+        print(f"  rss:   QEMU RSS {rss:+.1f} MiB (settled after {settle}), AnonHugePages {thp}")
     print(f"  {ctx['accel']}, QEMU {ctx['qemu_version']}, guest {ctx['guest_kernel']}")
 
 
