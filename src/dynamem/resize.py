@@ -206,34 +206,36 @@ def resize(
     guest_before = ch.snapshot(list(GUEST_FILES))
     host_before = hostprobe.snapshot(vm.pid)
     host_sampler = hostprobe.HostSampler(vm.pid, full_interval_s).start()
-    cpu_before = ch.cpu_seconds()
-
-    mark, full_mark = ch.mark(), len(ch.full_samples)
-    ch.set_interval(int(sample_interval_s * 1e9))
-    _wait_samples(vm, mark, 3)
-    req: Request | None = None
-    start_bytes = mech.host_bytes(vm)
-    t_req = time.monotonic_ns()
-    res.t_request_ns = t_req
-    poll_times: list[int] = []
     try:
-        req = mech.request(vm, delta, start_bytes)
-    except QMPCommandError as exc:
-        res.outcome, res.message = "refused", str(exc)
-    except CapabilityLimit as exc:
-        res.outcome, res.message = "unsupported", str(exc)
-    except UserError as exc:
-        res.outcome, res.message = "refused", str(exc)
-    if req is not None:
-        res.outcome, res.message = _poll_host(
-            vm, mech, req, res, poll_times, deadline_s, stall_s, poll_interval_s
-        )
-    _settle(vm, mech, mark, settle_s, deadline_s)
-    if req is not None:
-        mech.finish(vm, req)
-    _settle_host(host_sampler, settle_s)
-    ch.set_interval(0)
-    host_sampler.stop()
+        cpu_before = ch.cpu_seconds()
+        mark, full_mark = ch.mark(), len(ch.full_samples)
+        ch.set_interval(int(sample_interval_s * 1e9))
+        _wait_samples(vm, mark, 3)
+        req: Request | None = None
+        start_bytes = mech.host_bytes(vm)
+        t_req = time.monotonic_ns()
+        res.t_request_ns = t_req
+        poll_times: list[int] = []
+        try:
+            req = mech.request(vm, delta, start_bytes)
+        except QMPCommandError as exc:
+            res.outcome, res.message = "refused", str(exc)
+        except CapabilityLimit as exc:
+            res.outcome, res.message = "unsupported", str(exc)
+        except UserError as exc:
+            res.outcome, res.message = "refused", str(exc)
+        if req is not None:
+            res.outcome, res.message = _poll_host(
+                vm, mech, req, res, poll_times, deadline_s, stall_s, poll_interval_s
+            )
+        _settle(vm, mech, mark, settle_s, deadline_s)
+        if req is not None:
+            mech.finish(vm, req)
+        _settle_host(host_sampler, settle_s)
+        ch.set_interval(0)
+    finally:
+        # A failure mid-resize (QEMU gone, guest stuck) must not leave threads sampling.
+        host_sampler.stop()
 
     samples = ch.samples[mark:]
     res.samples = len(samples)
