@@ -120,6 +120,77 @@ def cmd_vm_exec(args: argparse.Namespace) -> int:
     return result.returncode
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from dynamem import runner
+    from dynamem.scenario import load_suite, with_repeats
+    from dynamem.store import RunStore
+
+    if args.resume:
+        store = RunStore.open(args.resume)
+        suite = runner.suite_of(store.run)
+        print(
+            f"resuming {store.directory}: {len(store.completed())} of "
+            f"{len(store.run['order'])} cells done",
+            file=sys.stderr,
+        )
+    else:
+        if not args.suite:
+            raise UserError("run: give --suite NAME|FILE or --resume RUN_DIR")
+        suite = load_suite(args.suite)
+        if args.repeats:
+            suite = with_repeats(suite, args.repeats)
+        seed = suite.seed if args.seed is None else args.seed
+        cells = runner.cells_in_order(suite, seed)
+        if args.dry_run:
+            total = sum(runner.estimate_cell_s(c.scenario) for c in cells)
+            print(
+                f"suite {suite.name}: {len(suite.scenarios)} scenarios, {len(cells)} cells, "
+                f"seed {seed}; estimated {total / 60:.1f} min under TCG"
+            )
+            for i, c in enumerate(cells, 1):
+                s = c.scenario
+                steps = ", ".join(str(x) for x in s.steps)
+                workload = (
+                    s.workload
+                    if s.workload == "idle"
+                    else (f"{s.workload} {format_size(s.workload_size)}")
+                )
+                print(
+                    f"{i:4}. {c.id:40} {s.mechanism}{'/' + s.variant if s.variant else ''}, "
+                    f"{format_size(s.memory)}, {workload}: {steps} "
+                    f"(~{runner.estimate_cell_s(s):.0f} s)"
+                )
+            return 0
+        metadata = runner.run_metadata(args.accel, args.qemu, args.guest)
+        run = runner.new_run(suite, seed, metadata)
+        out = args.out or runner.default_out() / run["run_id"]
+        store = RunStore.create(out, run)
+        print(
+            f"run {run['run_id']}: {len(run['order'])} cells -> {out} "
+            f"({metadata['accel']}, seed {seed})",
+            file=sys.stderr,
+        )
+    try:
+        cells = runner.run_suite(
+            store,
+            accel_request=args.accel,
+            qemu=args.qemu,
+            guest=args.guest,
+            report=lambda m: print(m, file=sys.stderr),
+        )
+    except KeyboardInterrupt:
+        print(
+            f"\ndynamem: interrupted; finish with: dynamem run --resume {store.directory}",
+            file=sys.stderr,
+        )
+        return 130
+    print(runner.format_table(runner.summary_rows(cells)))
+    print(runner.overhead_summary(cells))
+    print(f"results: {store.directory}")
+    failed = sum(1 for c in cells if c["status"] != "ok")
+    return 1 if failed else 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from dynamem.doctor import run_checks
 
@@ -406,6 +477,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_resize)
 
+    p = sub.add_parser("run", help="run a suite of scenarios into a raw results directory")
+    p.add_argument("--suite", help="quick, study, or a suite .toml file")
+    p.add_argument("--out", type=Path, help="run directory (default: results/raw/<run-id>)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="finish an interrupted run")
+    p.add_argument("--dry-run", action="store_true", help="print the cells and an estimate")
+    p.add_argument("--seed", type=int, help="order seed (default: the suite's)")
+    p.add_argument("--repeats", type=int, help="override every scenario's repeats")
+    p.add_argument("--guest", default="minimal")
+    p.add_argument("--accel", default="auto")
+    p.add_argument("--qemu", default="qemu-system-x86_64")
+    p.set_defaults(func=cmd_run)
+
     p = sub.add_parser("doctor", help="check QEMU, the accelerator, the guest image, host tools")
     p.add_argument("--guest", default="minimal")
     p.add_argument("--accel", default="auto")
@@ -472,6 +555,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dynamem: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `dynamem run --dry-run | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

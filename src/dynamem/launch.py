@@ -43,6 +43,7 @@ def plan_vm(
     extra_args: tuple[str, ...] = (),
     swap: str = "none",
     swap_size: int = 1 << 30,
+    data_size: int = 0,
 ) -> Plan:
     """Validate everything that can be checked before a QEMU is started."""
     if accel_request not in (None, "auto", "kvm", "tcg"):
@@ -76,5 +77,6 @@ def plan_vm(
         qemu_binary=qemu,
         swap=swap,
         swap_size=swap_size,
+        data_size=data_size,
     )
     return Plan(config, image, choice, version)

@@ -1,8 +1,15 @@
-"""Workloads in the guest, started and stopped over SSH, each with a readiness signal."""
+"""Workloads in the guest, started and stopped over SSH, each with a readiness signal.
+
+Every workload is started before the measured steps and stopped after them; `stop()`
+returns what the workload itself observed (the impact probe's log), for the runner to
+relate to each step's window.
+"""
 
 import shlex
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from dynamem.errors import DeadlineExceeded, GuestCommandError, UserError
 from dynamem.parsers import parse_meminfo
@@ -22,6 +29,8 @@ class Stress:
 
     Ready once the guest's AnonPages has grown by the working set (it is really touched).
     """
+
+    name = "stress"
 
     def __init__(self, vm_bytes: int) -> None:
         if vm_bytes <= 0:
@@ -49,9 +58,9 @@ class Stress:
             time.sleep(0.2)
         return time.monotonic() - start
 
-    def stop(self, vm: "VM") -> None:
+    def stop(self, vm: "VM") -> dict[str, Any]:
         if self.pid is None:
-            return
+            return {}
         pid, self.pid = self.pid, None
         # stress's parent forwards SIGTERM to its workers; wait until none is left.
         vm.run(
@@ -63,6 +72,116 @@ class Stress:
             timeout=60,
             check=False,
         )
+        return {}
+
+
+class Idle:
+    name = "idle"
+    vm_bytes = 0
+
+    def start(self, vm: "VM", timeout: float = 300.0) -> float:
+        return 0.0
+
+    def stop(self, vm: "VM") -> dict[str, Any]:
+        return {}
+
+
+class PageCache:
+    """Reads `vm_bytes` of a virtio-blk data disk into the page cache and leaves it there."""
+
+    name = "pagecache"
+
+    def __init__(self, vm_bytes: int) -> None:
+        self.vm_bytes = vm_bytes
+
+    def start(self, vm: "VM", timeout: float = 300.0) -> float:
+        start = time.monotonic()
+        find = (
+            'for d in /sys/block/vd*; do [ "$(cat $d/serial 2>/dev/null)" = dynamem-data ]'
+            " && echo ${d##*/}; done"
+        )
+        dev = vm.run(["sh", "-c", find], timeout=10).stdout.strip()
+        if not dev:
+            raise GuestCommandError("the page-cache workload needs the data disk (none found)")
+        count = self.vm_bytes >> 20
+        vm.run(["dd", f"if=/dev/{dev}", "of=/dev/null", "bs=1M", f"count={count}"], timeout=timeout)
+        return time.monotonic() - start
+
+    def stop(self, vm: "VM") -> dict[str, Any]:
+        return {}
+
+
+class Impact:
+    """dynamem-impact: keeps touching a working set and logs its progress every 10 ms."""
+
+    name = "impact"
+    log = "/tmp/dynamem-impact.log"
+
+    def __init__(self, vm_bytes: int) -> None:
+        self.vm_bytes = vm_bytes
+        self.pid: int | None = None
+
+    def start(self, vm: "VM", timeout: float = 300.0) -> float:
+        start = time.monotonic()
+        line = (
+            f"dynamem-impact {self.vm_bytes} {self.log} >/tmp/dynamem-impact.out 2>&1 "
+            "</dev/null & echo $!"
+        )
+        self.pid = int(vm.run(["sh", "-c", line], timeout=30).stdout.split()[-1])
+        while "ready" not in vm.run(["cat", "/tmp/dynamem-impact.out"], check=False).stdout:
+            if time.monotonic() - start > timeout:
+                raise DeadlineExceeded(f"the impact probe was not ready within {timeout:g} s")
+            time.sleep(0.2)
+        return time.monotonic() - start
+
+    def stop(self, vm: "VM") -> dict[str, Any]:
+        if self.pid is not None:
+            vm.run(["kill", str(self.pid)], check=False)
+            self.pid = None
+        text = vm.run(["cat", self.log], timeout=60, check=False).stdout
+        rows = [line.split() for line in text.splitlines() if len(line.split()) == 2]
+        data = np.array(rows, dtype=np.int64).reshape(-1, 2)
+        return {"impact_guest_ns": data[:, 0], "impact_pages": data[:, 1]}
+
+
+def impact_figures(
+    log: dict[str, Any], offset_ns: int, t_request_ns: int, t_done_ns: int | None
+) -> dict[str, float | None]:
+    """Throughput before and during one step, and the longest stall in it.
+
+    `offset_ns` maps the guest clock to the host's (host = guest + offset).
+    """
+    t = log["impact_guest_ns"] + offset_ns
+    pages = log["impact_pages"]
+    if len(t) < 3:
+        return {}
+    end = t_done_ns or int(t[-1])
+    rate = np.diff(pages) / (np.diff(t) / 1e9)  # pages per second between log lines
+    mid = t[1:]
+    before = rate[(mid >= t_request_ns - 1_000_000_000) & (mid < t_request_ns)]
+    during = rate[(mid >= t_request_ns) & (mid <= end)]
+    window = (t >= t_request_ns) & (t <= end)
+    gaps = np.diff(t[window]) if window.sum() > 1 else np.array([])
+    return {
+        "throughput_before_pps": float(np.median(before)) if len(before) else None,
+        "throughput_during_pps": float(np.median(during)) if len(during) else None,
+        "slowdown": float(np.median(before) / np.median(during))
+        if len(before) and len(during) and np.median(during) > 0
+        else None,
+        "longest_stall_ms": float(gaps.max() / 1e6) if len(gaps) else None,
+    }
+
+
+def make(kind: str, size: int) -> "Idle | Stress | PageCache | Impact":
+    if kind == "idle":
+        return Idle()
+    if kind == "stress":
+        return Stress(size)
+    if kind == "pagecache":
+        return PageCache(size)
+    if kind == "impact":
+        return Impact(size)
+    raise UserError(f"unknown workload {kind!r}")
 
 
 def touch_and_free(vm: "VM", size: int) -> None:

@@ -31,23 +31,35 @@ class Balloon(Mechanism):
     def granularity(self) -> int:
         return PAGE
 
-    def plan(self, before: int, delta: int, boot: int | None, maxmem: int | None) -> MemoryPlan:
+    def plan_path(
+        self,
+        before: int,
+        deltas: tuple[int, ...],
+        boot: int | None,
+        maxmem: int | None,
+        *,
+        strict: bool = True,
+    ) -> MemoryPlan:
         boot = before if boot is None else boot
-        self.check_aligned(delta, "resize")
+        for delta in deltas:
+            self.check_aligned(delta, "resize")
         if before > boot:
             raise UserError(
                 f"the balloon cannot start at {format_size(before)}: above boot RAM "
                 f"{format_size(boot)}"
             )
-        if before + delta > boot:
+        plan = MemoryPlan(boot=boot, before=before, deltas=deltas, capacity=0)
+        if strict and max(plan.path) > boot:
             raise CapabilityLimit(
-                f"virtio-balloon cannot grow the guest to {format_size(before + delta)}: "
+                f"virtio-balloon cannot grow the guest to {format_size(max(plan.path))}: "
                 f"above its boot RAM {format_size(boot)} (it can only deflate what it inflated)"
             )
-        if before + delta <= 0:
-            raise UserError(f"cannot shrink a {format_size(before)} guest by {format_size(-delta)}")
+        if min(plan.path) <= 0:
+            raise UserError(
+                f"cannot shrink a {format_size(before)} guest to {format_size(min(plan.path))}"
+            )
         self.boot = boot
-        return MemoryPlan(boot=boot, before=before, delta=delta, capacity=0)
+        return plan
 
     def qemu_args(self, plan: MemoryPlan) -> tuple[str, ...]:
         dev = (

@@ -25,21 +25,35 @@ class CapabilityLimit(UserError):
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Guest memory around one measured step.
+    """Guest memory around a sequence of measured steps.
 
-    `before` is the guest's size when the measured step starts and `delta` the step
-    (negative shrinks). Hotplug mechanisms boot smaller and plug the difference in an
-    unmeasured preparation step; the balloon boots with its maximum and inflates down.
+    `before` is the guest's size when the first measured step starts and `deltas` the
+    steps (negative shrinks). Hotplug mechanisms boot at the lowest point of the path and
+    plug the difference in an unmeasured preparation step; the balloon boots with its
+    maximum and inflates down.
     """
 
     boot: int
     before: int
-    delta: int
+    deltas: tuple[int, ...]
     capacity: int  # hot(un)pluggable bytes the devices are sized for (0 for the balloon)
 
     @property
+    def delta(self) -> int:
+        """The first step (the only one for `dynamem resize`)."""
+        return self.deltas[0]
+
+    @property
+    def path(self) -> list[int]:
+        """Guest size before the first step and after each step."""
+        sizes = [self.before]
+        for d in self.deltas:
+            sizes.append(sizes[-1] + d)
+        return sizes
+
+    @property
     def after(self) -> int:
-        return self.before + self.delta
+        return self.path[-1]
 
     @property
     def prepare(self) -> int:
@@ -91,9 +105,22 @@ class Mechanism(abc.ABC):
     def granularity(self) -> int:
         """The unit a request must be a multiple of, in bytes."""
 
-    @abc.abstractmethod
     def plan(self, before: int, delta: int, boot: int | None, maxmem: int | None) -> MemoryPlan:
-        """Boot size and capacity for the step, or a UserError/CapabilityLimit."""
+        """Boot size and capacity for one step, or a UserError/CapabilityLimit."""
+        return self.plan_path(before, (delta,), boot, maxmem)
+
+    @abc.abstractmethod
+    def plan_path(
+        self,
+        before: int,
+        deltas: tuple[int, ...],
+        boot: int | None,
+        maxmem: int | None,
+        *,
+        strict: bool = True,
+    ) -> MemoryPlan:
+        """Boot size and capacity for a sequence of steps. With `strict=False` a step the
+        mechanism cannot do by design is left to fail at run time (outcome `unsupported`)."""
 
     @abc.abstractmethod
     def qemu_args(self, plan: MemoryPlan) -> tuple[str, ...]:

@@ -39,17 +39,27 @@ class Dimm(Mechanism):
     def granularity(self) -> int:
         return self.dimm_size
 
-    def plan(self, before: int, delta: int, boot: int | None, maxmem: int | None) -> MemoryPlan:
-        after = before + delta
-        boot = min(before, after) if boot is None else boot
-        self.check_aligned(delta, "resize")
+    def plan_path(
+        self,
+        before: int,
+        deltas: tuple[int, ...],
+        boot: int | None,
+        maxmem: int | None,
+        *,
+        strict: bool = True,
+    ) -> MemoryPlan:
+        path = MemoryPlan(boot=0, before=before, deltas=deltas, capacity=0).path
+        low, high = min(path), max(path)
+        boot = low if boot is None else boot
+        for delta in deltas:
+            self.check_aligned(delta, "resize")
         self.check_aligned(before - boot, "hotplugged memory before the step")
-        if min(before, after) < boot:
+        if low < boot:
             raise UserError(
                 f"DIMM hotplug cannot go below boot RAM {format_size(boot)} "
-                f"(asked for {format_size(min(before, after))}): only DIMMs can be unplugged"
+                f"(asked for {format_size(low)}): only DIMMs can be unplugged"
             )
-        capacity = max(before, after) - boot
+        capacity = high - boot
         if maxmem is not None:
             if maxmem < boot + capacity:
                 raise UserError(
@@ -63,7 +73,7 @@ class Dimm(Mechanism):
                 f"{format_size(capacity)} of {format_size(self.dimm_size)} DIMMs needs "
                 f"{self.slots} slots; QEMU has at most {MAX_SLOTS}"
             )
-        return MemoryPlan(boot=boot, before=before, delta=delta, capacity=capacity)
+        return MemoryPlan(boot=boot, before=before, deltas=deltas, capacity=capacity)
 
     def memory_options(self, plan: MemoryPlan) -> tuple[int | None, int]:
         return plan.boot + self.slots * self.dimm_size, self.slots

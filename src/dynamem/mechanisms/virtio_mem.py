@@ -39,17 +39,27 @@ class VirtioMem(Mechanism):
     def granularity(self) -> int:
         return self.block_size
 
-    def plan(self, before: int, delta: int, boot: int | None, maxmem: int | None) -> MemoryPlan:
-        after = before + delta
-        boot = min(before, after) if boot is None else boot
-        self.check_aligned(delta, "resize")
+    def plan_path(
+        self,
+        before: int,
+        deltas: tuple[int, ...],
+        boot: int | None,
+        maxmem: int | None,
+        *,
+        strict: bool = True,
+    ) -> MemoryPlan:
+        path = MemoryPlan(boot=0, before=before, deltas=deltas, capacity=0).path
+        low, high = min(path), max(path)
+        boot = low if boot is None else boot
+        for delta in deltas:
+            self.check_aligned(delta, "resize")
         self.check_aligned(before - boot, "plugged memory before the step")
-        if min(before, after) < boot:
+        if low < boot:
             raise UserError(
                 f"virtio-mem cannot go below boot RAM {format_size(boot)} "
-                f"(asked for {format_size(min(before, after))})"
+                f"(asked for {format_size(low)})"
             )
-        capacity = max(before, after) - boot
+        capacity = high - boot
         if maxmem is not None:
             if maxmem < boot + capacity:
                 raise UserError(
@@ -58,7 +68,7 @@ class VirtioMem(Mechanism):
                 )
             capacity = (maxmem - boot) // self.block_size * self.block_size
         self.backend_size = max(capacity, self.block_size)
-        return MemoryPlan(boot=boot, before=before, delta=delta, capacity=self.backend_size)
+        return MemoryPlan(boot=boot, before=before, deltas=deltas, capacity=self.backend_size)
 
     def memory_options(self, plan: MemoryPlan) -> tuple[int | None, int]:
         return plan.boot + self.backend_size, 0

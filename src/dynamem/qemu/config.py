@@ -32,6 +32,7 @@ class VMConfig:
     # Guest swap: a virtio-blk disk backed by a sparse file in the run directory, or zram.
     swap: str = "none"
     swap_size: int = 1024 * MiB
+    data_size: int = 0  # a sparse virtio-blk disk for the page-cache workload (0: none)
 
     def __post_init__(self) -> None:
         if self.accel not in ACCELERATORS:
@@ -105,6 +106,10 @@ class RunFiles:
         return self.directory / "swap.img"
 
     @property
+    def data_image(self) -> Path:
+        return self.directory / "data.img"
+
+    @property
     def console_log(self) -> Path:
         return self.directory / "console.log"
 
@@ -171,6 +176,11 @@ def build_argv(config: VMConfig, files: RunFiles) -> list[str]:
         argv += [
             "-drive", f"file={files.swap_image},if=none,id=swap0,format=raw,discard=unmap",
             "-device", "virtio-blk-pci,drive=swap0,serial=dynamem-swap",
+        ]  # fmt: skip
+    if config.data_size:
+        argv += [
+            "-drive", f"file={files.data_image},if=none,id=data0,format=raw,readonly=on",
+            "-device", "virtio-blk-pci,drive=data0,serial=dynamem-data",
         ]  # fmt: skip
     for name, path in sorted(files.fw_cfg.items()):
         argv += ["-fw_cfg", f"name=opt/dynamem/{name},file={path}"]

@@ -103,6 +103,9 @@ class VM:
         host = make_keypair(keys, "hostkey")
         self._host_key = host.public_line
         fw_cfg = {"authorized_keys": client.public, "hostkey": host.private}
+        if self.config.data_size:
+            with open(self.run_dir / "data.img", "wb") as f:
+                f.truncate(self.config.data_size)
         if self.config.swap == "disk":
             with open(self.run_dir / "swap.img", "wb") as f:
                 f.truncate(self.config.swap_size)  # sparse: costs host disk only when used

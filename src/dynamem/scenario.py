@@ -1,0 +1,284 @@
+"""Scenarios and suites as data (TOML), validated in full before anything starts.
+
+A suite file holds `name`, `description`, `repeats`, `seed`, a `[defaults]` table and
+`[[scenario]]` tables. A scenario names a mechanism, a workload and a sequence of steps
+("shrink 256M", "grow 1G", "settle 5s"); any scenario key may be set in `[defaults]`.
+"""
+
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from dynamem import mechanisms
+from dynamem.errors import UserError
+from dynamem.mechanisms import Mechanism, MemoryPlan
+from dynamem.qemu.config import ONLINE_STATES, SWAP_KINDS
+from dynamem.units import parse_size
+
+WORKLOADS = ("idle", "stress", "pagecache", "impact")
+_STEP = re.compile(r"^\s*(shrink|grow)\s+(\S+)\s*$|^\s*settle\s+(\d+(?:\.\d+)?)\s*s\s*$")
+
+# key -> (type check, description); every key a scenario (or [defaults]) may hold
+SCENARIO_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "name": (str, "scenario name"),
+    "mechanism": (str, "balloon, dimm or virtio-mem"),
+    "variant": (str, "virtio-mem: sbm or bbm"),
+    "deflate_on_oom": (bool, "balloon option"),
+    "free_page_reporting": (bool, "balloon option"),
+    "dimm_size": (str, "DIMM size"),
+    "memory": (str, "guest size before the first step"),
+    "boot_memory": (str, "boot RAM (default: what the steps need)"),
+    "maxmem": (str, "upper bound for hotplugged memory"),
+    "cpus": (int, "vCPUs"),
+    "memhp_default_state": (str, "how the guest onlines hotplugged memory"),
+    "kernel_args": (list, "extra guest kernel arguments"),
+    "swap": (str, "disk, zram or none"),
+    "swap_size": (str, "guest swap size"),
+    "workload": (str, "idle, stress, pagecache or impact"),
+    "workload_size": (str, "working set: a size or a percentage of memory"),
+    "steps": (list, 'e.g. ["shrink 256M", "settle 2s", "grow 256M"]'),
+    "warmup": (bool, "do the steps once, unmeasured, before measuring"),
+    "repeats": (int, "cells (fresh guests) per scenario"),
+    "deadline": ((int, float), "seconds each step may take"),
+}
+SUITE_KEYS = {"name", "description", "repeats", "seed", "defaults", "scenario"}
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str  # "resize" or "settle"
+    delta: int = 0
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        if self.kind == "settle":
+            return f"settle {self.seconds:g}s"
+        from dynamem.units import format_size
+
+        return f"{'grow' if self.delta > 0 else 'shrink'} {format_size(abs(self.delta))}"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    mechanism: str
+    steps: tuple[Step, ...]
+    variant: str | None = None
+    deflate_on_oom: bool = False
+    free_page_reporting: bool = False
+    dimm_size: int = 128 << 20
+    memory: int = 2 << 30
+    boot_memory: int | None = None
+    maxmem: int | None = None
+    cpus: int = 2
+    memhp_default_state: str = "online_movable"
+    kernel_args: tuple[str, ...] = ()
+    swap: str = "disk"
+    swap_size: int = 1 << 30
+    workload: str = "idle"
+    workload_size: int = 0
+    warmup: bool = True
+    repeats: int = 5
+    deadline: float = 120.0
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def deltas(self) -> tuple[int, ...]:
+        return tuple(s.delta for s in self.steps if s.kind == "resize")
+
+    def mechanism_object(self) -> Mechanism:
+        return mechanisms.make(
+            self.mechanism,
+            self.variant,
+            dimm_size=self.dimm_size,
+            deflate_on_oom=self.deflate_on_oom,
+            free_page_reporting=self.free_page_reporting,
+        )
+
+    def memory_plan(self, mech: Mechanism) -> MemoryPlan:
+        # A balloon step above boot RAM is recorded as `unsupported` when it runs.
+        return mech.plan_path(self.memory, self.deltas, self.boot_memory, self.maxmem, strict=False)
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    repeats: int
+    seed: int
+    scenarios: tuple[Scenario, ...]
+    source: str  # the TOML text, stored with every run
+
+
+def parse_step(text: object, where: str) -> Step:
+    if not isinstance(text, str) or not (m := _STEP.match(text)):
+        raise UserError(
+            f"{where}: bad step {text!r} (use 'shrink SIZE', 'grow SIZE' or 'settle Ns')"
+        )
+    if m.group(3) is not None:
+        return Step("settle", seconds=float(m.group(3)))
+    size = parse_size(m.group(2), what=f"{where} step size")
+    return Step("resize", delta=size if m.group(1) == "grow" else -size)
+
+
+def _size_or_pct(text: str, memory: int, where: str) -> int:
+    if text.endswith("%"):
+        try:
+            pct = float(text[:-1])
+        except ValueError:
+            raise UserError(f"{where}: malformed percentage {text!r}") from None
+        if not 0 < pct < 100:
+            raise UserError(f"{where}: percentage {text!r} must be between 0 and 100")
+        return int(memory * pct / 100) // (1 << 20) << 20
+    return parse_size(text, what=f"{where} size")
+
+
+def build_scenario(data: dict[str, Any], where: str) -> Scenario:
+    for key, value in data.items():
+        if key not in SCENARIO_KEYS:
+            raise UserError(f"{where}: unknown key {key!r} (known: {', '.join(SCENARIO_KEYS)})")
+        expected, what = SCENARIO_KEYS[key]
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise UserError(
+                f"{where}: {key} must be {_type_name(expected)} ({what}), got {value!r}"
+            )
+    for key in ("name", "mechanism", "steps"):
+        if key not in data:
+            raise UserError(f"{where}: missing required key {key!r}")
+    where = f"{where} ({data['name']})"
+    if data["mechanism"] not in mechanisms.NAMES:
+        raise UserError(
+            f"{where}: unknown mechanism {data['mechanism']!r} "
+            f"(choose from {', '.join(mechanisms.NAMES)})"
+        )
+    workload = data.get("workload", "idle")
+    if workload not in WORKLOADS:
+        raise UserError(
+            f"{where}: unknown workload {workload!r} (choose from {', '.join(WORKLOADS)})"
+        )
+    if data.get("swap", "disk") not in SWAP_KINDS:
+        raise UserError(
+            f"{where}: unknown swap {data['swap']!r} (choose from {', '.join(SWAP_KINDS)})"
+        )
+    if data.get("memhp_default_state", "online_movable") not in ONLINE_STATES:
+        raise UserError(f"{where}: unknown memhp_default_state {data['memhp_default_state']!r}")
+    steps = tuple(parse_step(s, where) for s in data["steps"])
+    if not any(s.kind == "resize" for s in steps):
+        raise UserError(f"{where}: steps must hold at least one shrink or grow")
+    memory = parse_size(data.get("memory", "2G"), what=f"{where} memory")
+    if workload != "idle" and "workload_size" not in data:
+        raise UserError(f"{where}: workload {workload!r} needs workload_size")
+    sizes = {
+        k: parse_size(data[k], what=f"{where} {k}")
+        for k in ("boot_memory", "maxmem", "dimm_size", "swap_size")
+        if k in data
+    }
+    for key in ("repeats", "cpus"):
+        if key in data and data[key] < 1:
+            raise UserError(f"{where}: {key} must be at least 1")
+    scenario = Scenario(
+        name=data["name"],
+        mechanism=data["mechanism"],
+        steps=steps,
+        variant=data.get("variant"),
+        deflate_on_oom=data.get("deflate_on_oom", False),
+        free_page_reporting=data.get("free_page_reporting", False),
+        dimm_size=sizes.get("dimm_size", 128 << 20),
+        memory=memory,
+        boot_memory=sizes.get("boot_memory"),
+        maxmem=sizes.get("maxmem"),
+        cpus=data.get("cpus", 2),
+        memhp_default_state=data.get("memhp_default_state", "online_movable"),
+        kernel_args=tuple(str(a) for a in data.get("kernel_args", ())),
+        swap=data.get("swap", "disk"),
+        swap_size=sizes.get("swap_size", 1 << 30),
+        workload=workload,
+        workload_size=_size_or_pct(data["workload_size"], memory, where)
+        if "workload_size" in data
+        else 0,
+        warmup=data.get("warmup", True),
+        repeats=data.get("repeats", 5),
+        deadline=float(data.get("deadline", 120.0)),
+        raw=dict(data),
+    )
+    try:
+        mech = scenario.mechanism_object()
+        scenario.memory_plan(mech)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from exc
+    return scenario
+
+
+def _type_name(expected: type | tuple[type, ...]) -> str:
+    if isinstance(expected, tuple):
+        return " or ".join(t.__name__ for t in expected)
+    return {"str": "a string", "int": "an integer", "bool": "true or false", "list": "a list"}.get(
+        expected.__name__, expected.__name__
+    )
+
+
+def load_suite_text(text: str, source: str) -> Suite:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{source}: not valid TOML ({exc})") from exc
+    unknown = set(data) - SUITE_KEYS
+    if unknown:
+        raise UserError(
+            f"{source}: unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(SUITE_KEYS))})"
+        )
+    defaults = data.get("defaults", {})
+    entries = data.get("scenario", [])
+    if not isinstance(defaults, dict) or not isinstance(entries, list) or not entries:
+        raise UserError(f"{source}: needs [defaults] as a table and at least one [[scenario]]")
+    repeats, seed = data.get("repeats", 5), data.get("seed", 1)
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise UserError(f"{source}: repeats must be a positive integer")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise UserError(f"{source}: seed must be an integer")
+    scenarios = []
+    names = set()
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise UserError(f"{source}: scenario {i + 1} must be a table")
+        merged = {"repeats": repeats, **defaults, **entry}
+        scenario = build_scenario(merged, f"{source}: scenario {i + 1}")
+        if scenario.name in names:
+            raise UserError(f"{source}: two scenarios are named {scenario.name!r}")
+        names.add(scenario.name)
+        scenarios.append(scenario)
+    return Suite(
+        name=str(data.get("name", Path(source).stem)),
+        description=str(data.get("description", "")),
+        repeats=repeats,
+        seed=seed,
+        scenarios=tuple(scenarios),
+        source=text,
+    )
+
+
+def suites_dir() -> Path:
+    from dynamem.paths import repo_root
+
+    return repo_root() / "suites"
+
+
+def load_suite(name_or_path: str) -> Suite:
+    """A built-in suite by name (suites/NAME.toml) or a TOML file."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = suites_dir() / f"{name_or_path}.toml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in suites_dir().glob("*.toml")))
+        raise UserError(f"no suite {name_or_path!r} (built in: {known}; or give a .toml file)")
+    return load_suite_text(path.read_text(), str(path))
+
+
+def with_repeats(suite: Suite, repeats: int) -> Suite:
+    return replace(
+        suite,
+        repeats=repeats,
+        scenarios=tuple(replace(s, repeats=repeats) for s in suite.scenarios),
+    )
