@@ -140,14 +140,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.repeats:
             suite = with_repeats(suite, args.repeats)
         seed = suite.seed if args.seed is None else args.seed
-        cells = runner.cells_in_order(suite, seed)
+        order = runner.cells_in_order(suite, seed)
         if args.dry_run:
-            total = sum(runner.estimate_cell_s(c.scenario) for c in cells)
+            total = sum(runner.estimate_cell_s(c.scenario) for c in order)
             print(
-                f"suite {suite.name}: {len(suite.scenarios)} scenarios, {len(cells)} cells, "
+                f"suite {suite.name}: {len(suite.scenarios)} scenarios, {len(order)} cells, "
                 f"seed {seed}; estimated {total / 60:.1f} min under TCG"
             )
-            for i, c in enumerate(cells, 1):
+            for i, c in enumerate(order, 1):
                 s = c.scenario
                 steps = ", ".join(str(x) for x in s.steps)
                 workload = (
