@@ -1,0 +1,102 @@
+"""`dynamem run` end to end on real guests: a complete run directory, and --resume after
+an interrupted run finishes it without redoing completed cells."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from dynamem.store import RunStore
+
+from .conftest import cli, qemu_pids_mentioning
+
+pytestmark = pytest.mark.slow
+
+TINY = """
+name = "tiny"
+repeats = {repeats}
+seed = 3
+[defaults]
+memory = "1G"
+swap = "none"
+warmup = false
+[[scenario]]
+name = "vmem"
+mechanism = "virtio-mem"
+steps = ["shrink 128M", "grow 128M"]
+[[scenario]]
+name = "balloon"
+mechanism = "balloon"
+steps = ["grow 128M"]
+"""
+
+
+def test_a_run_directory_is_complete(image, run_base, tmp_path):
+    suite = tmp_path / "tiny.toml"
+    suite.write_text(TINY.format(repeats=1))
+    out = tmp_path / "run"
+    res = cli("run", "--suite", str(suite), "--out", str(out), timeout=600)
+    assert res.returncode == 1, res.stderr  # the balloon cannot grow past boot RAM
+    store = RunStore.open(out)
+    assert store.run["metadata"]["accel"] in ("tcg", "kvm")
+    assert store.run["metadata"]["guest_kernel"] == image.kernel_release
+    assert sorted(store.run["order"]) == ["balloon-r1", "vmem-r1"]
+    cells, problems = store.load_cells()
+    assert problems == []
+    by = {c["cell"]: c for c in cells}
+    vmem = by["vmem-r1"]
+    assert vmem["status"] == "ok"
+    assert [s["outcome"] for s in vmem["steps"]] == ["ok", "ok"]
+    assert vmem["steps"][0]["guest_memtotal_delta_bytes"] == -128 << 20
+    assert vmem["timings"]["total"] > vmem["timings"]["boot"] > 0
+    series = store.load_series("vmem-r1", 0)
+    assert int(series["t_request_ns"]) == vmem["steps"][0]["t_request_ns"]
+    assert np.all(np.diff(series["guest_t_ns"]) >= 0)
+    # The balloon's impossible grow is recorded as such, and the run went on.
+    assert by["balloon-r1"]["steps"][0]["outcome"] == "unsupported"
+    assert "vmem" in res.stdout and "unsupported" not in res.stderr
+
+
+def test_interrupted_run_resumes_without_redoing_cells(image, run_base, tmp_path):
+    suite = tmp_path / "tiny.toml"
+    suite.write_text(TINY.format(repeats=2))
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dynamem.cli", "run", "--suite", str(suite), "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            done = list((out / "cells").glob("*.json")) if (out / "cells").exists() else []
+            if done:
+                break
+            time.sleep(0.2)
+        assert done, "no cell finished"
+        time.sleep(2)  # into the next cell's boot
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert f"dynamem run --resume {out}" in err
+    assert qemu_pids_mentioning(str(run_base)) == []
+    finished = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+    assert 1 <= len(finished) < 4
+
+    res = cli("run", "--resume", str(out), timeout=900)
+    assert res.returncode in (0, 1), res.stderr
+    store = RunStore.open(out)
+    assert store.completed() == set(store.run["order"])
+    for name, mtime in finished.items():  # not redone
+        assert (out / "cells" / name).stat().st_mtime_ns == mtime
+    cells, _ = store.load_cells()
+    assert len(cells) == 4
+    assert json.loads((out / "run.json").read_text())["seed"] == 3
