@@ -308,7 +308,7 @@ def summary_rows(cells: list[dict[str, Any]]) -> list[list[str]]:
         vals = [v * scale for v in values if v is not None]
         return fmt.format(statistics.median(vals)) if vals else "-"
 
-    rows = [["scenario", "step", "ok/n", "host ms", "guest ms", "migrated", "RSS MiB"]]
+    rows = [["scenario", "step", "ok/n", "host ms", "guest ms", "migrated", "QEMU RSS change MiB"]]
     for (name, _, label), steps in sorted(groups.items()):
         ok = sum(1 for s in steps if s["outcome"] == "ok")
         rows.append(

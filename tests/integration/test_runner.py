@@ -40,7 +40,7 @@ def test_a_run_directory_is_complete(image, run_base, tmp_path):
     suite.write_text(TINY.format(repeats=1))
     out = tmp_path / "run"
     res = cli("run", "--suite", str(suite), "--out", str(out), timeout=600)
-    assert res.returncode == 1, res.stderr  # the balloon cannot grow past boot RAM
+    assert res.returncode == 0, res.stderr  # every cell ran; an impossible step is a result
     store = RunStore.open(out)
     assert store.run["metadata"]["accel"] in ("tcg", "kvm")
     assert store.run["metadata"]["guest_kernel"] == image.kernel_release
