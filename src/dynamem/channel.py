@@ -77,6 +77,13 @@ class SamplerChannel:
         self._reader = threading.Thread(target=self._read_loop, name="sampler", daemon=True)
         self._reader.start()
 
+    def expect_hello(self) -> None:
+        """The guest sampler is about to restart (reboot): forget its settings."""
+        with self._cond:
+            self._hello = False
+        self.columns, self.full_columns, self.every, self.batch = BASE_COLUMNS, (), 0, 1
+        self.interval_ns = 0
+
     def wait_hello(self, timeout: float) -> None:
         with self._cond:
             if not self._cond.wait_for(lambda: self._hello or self._closed, timeout):

@@ -27,8 +27,9 @@ from dynamem.launch import plan_vm
 from dynamem.paths import repo_root
 from dynamem.qemu.machine import VM
 from dynamem.resize import ResizeResult, resize
-from dynamem.scenario import Scenario, Suite, load_suite_text
+from dynamem.scenario import Scenario, Step, Suite, load_suite_text
 from dynamem.single import _cpu_model, context_of, plan_for
+from dynamem.steps import free_step, oom_step, reboot_step, split_series
 from dynamem.store import RunStore
 from dynamem.units import GiB
 from dynamem.workloads import Impact, impact_figures
@@ -68,8 +69,12 @@ _WORKLOAD_PER_GIB_S = {"idle": 0.0, "stress": 7.0, "pagecache": 2.0, "impact": 4
 def estimate_cell_s(s: Scenario) -> float:
     steps = 0.0
     for step in s.steps:
-        if step.kind == "settle":
+        if step.kind in ("settle", "free"):
             steps += step.seconds
+        elif step.kind == "reboot":
+            steps += _BOOT_S
+        elif step.kind == "oom":
+            steps += 20.0
         else:
             direction = 1 if step.delta > 0 else -1
             steps += _STEP_FIXED_S + _PER_GIB_S[(s.mechanism, direction)] * abs(step.delta) / GiB
@@ -185,10 +190,11 @@ def run_cell(
             results: list[ResizeResult] = []
             t = time.monotonic()
             for step in s.steps:
-                if step.kind == "settle":
-                    time.sleep(step.seconds)
-                    record["steps"].append({"step": str(step), "kind": "settle"})
-                    series.append({})
+                if step.kind != "resize":
+                    extra = _other_step(vm, mech, workload, step)
+                    extra, arrays = split_series(extra)
+                    record["steps"].append({"step": str(step), **extra})
+                    series.append(arrays)
                     continue
                 r = resize(vm, mech, step.delta, deadline_s=s.deadline)
                 results.append(r)
@@ -212,6 +218,19 @@ def run_cell(
         timings[k] for k in ("boot", "preparation", "warmup", "workload_start", "steps")
     )
     return record, series
+
+
+def _other_step(vm: VM, mech: Any, workload: Any, step: Step) -> dict[str, Any]:
+    if step.kind == "settle":
+        time.sleep(step.seconds)
+        return {"kind": "settle"}
+    if step.kind == "free":
+        return free_step(vm, workload, step.seconds)
+    if step.kind == "oom":
+        return oom_step(vm, mech, step.size)
+    if step.kind == "reboot":
+        return reboot_step(vm, mech)
+    raise ValueError(f"unknown step {step}")
 
 
 def _add_impact(

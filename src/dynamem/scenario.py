@@ -18,7 +18,12 @@ from dynamem.qemu.config import ONLINE_STATES, SWAP_KINDS
 from dynamem.units import parse_size
 
 WORKLOADS = ("idle", "stress", "pagecache", "impact")
-_STEP = re.compile(r"^\s*(shrink|grow)\s+(\S+)\s*$|^\s*settle\s+(\d+(?:\.\d+)?)\s*s\s*$")
+_STEP = re.compile(
+    r"^\s*(?:(?P<resize>shrink|grow)\s+(?P<size>\S+)"
+    r"|(?P<timed>settle|free)\s+(?P<seconds>\d+(?:\.\d+)?)\s*s"
+    r"|oom\s+(?P<oom>\S+)"
+    r"|(?P<reboot>reboot))\s*$"
+)
 
 # key -> (type check, description); every key a scenario (or [defaults]) may hold
 SCENARIO_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
@@ -48,15 +53,23 @@ SUITE_KEYS = {"name", "description", "repeats", "seed", "defaults", "scenario"}
 
 @dataclass(frozen=True)
 class Step:
-    kind: str  # "resize" or "settle"
+    """resize (delta), settle (wait), free (stop the workload, watch QEMU's RSS for
+    `seconds`), oom (ask for `size` more than the guest has), reboot (system_reset)."""
+
+    kind: str
     delta: int = 0
     seconds: float = 0.0
+    size: int = 0
 
     def __str__(self) -> str:
-        if self.kind == "settle":
-            return f"settle {self.seconds:g}s"
         from dynamem.units import format_size
 
+        if self.kind in ("settle", "free"):
+            return f"{self.kind} {self.seconds:g}s"
+        if self.kind == "oom":
+            return f"oom {format_size(self.size)}"
+        if self.kind == "reboot":
+            return "reboot"
         return f"{'grow' if self.delta > 0 else 'shrink'} {format_size(abs(self.delta))}"
 
 
@@ -115,12 +128,17 @@ class Suite:
 def parse_step(text: object, where: str) -> Step:
     if not isinstance(text, str) or not (m := _STEP.match(text)):
         raise UserError(
-            f"{where}: bad step {text!r} (use 'shrink SIZE', 'grow SIZE' or 'settle Ns')"
+            f"{where}: bad step {text!r} (use 'shrink SIZE', 'grow SIZE', 'settle Ns', "
+            "'free Ns', 'oom SIZE' or 'reboot')"
         )
-    if m.group(3) is not None:
-        return Step("settle", seconds=float(m.group(3)))
-    size = parse_size(m.group(2), what=f"{where} step size")
-    return Step("resize", delta=size if m.group(1) == "grow" else -size)
+    if m.group("timed"):
+        return Step(m.group("timed"), seconds=float(m.group("seconds")))
+    if m.group("oom"):
+        return Step("oom", size=parse_size(m.group("oom"), what=f"{where} oom size"))
+    if m.group("reboot"):
+        return Step("reboot")
+    size = parse_size(m.group("size"), what=f"{where} step size")
+    return Step("resize", delta=size if m.group("resize") == "grow" else -size)
 
 
 def _size_or_pct(text: str, memory: int, where: str) -> int:
@@ -167,6 +185,8 @@ def build_scenario(data: dict[str, Any], where: str) -> Scenario:
     steps = tuple(parse_step(s, where) for s in data["steps"])
     if not any(s.kind == "resize" for s in steps):
         raise UserError(f"{where}: steps must hold at least one shrink or grow")
+    if any(s.kind == "free" for s in steps) and data.get("workload", "idle") == "idle":
+        raise UserError(f"{where}: a 'free' step needs a workload to free")
     memory = parse_size(data.get("memory", "2G"), what=f"{where} memory")
     if workload != "idle" and "workload_size" not in data:
         raise UserError(f"{where}: workload {workload!r} needs workload_size")

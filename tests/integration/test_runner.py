@@ -100,3 +100,44 @@ def test_interrupted_run_resumes_without_redoing_cells(image, run_base, tmp_path
     cells, _ = store.load_cells()
     assert len(cells) == 4
     assert json.loads((out / "run.json").read_text())["seed"] == 3
+
+
+STEPS = """
+name = "steps"
+repeats = 1
+seed = 1
+[defaults]
+memory = "1G"
+swap = "none"
+warmup = false
+[[scenario]]
+name = "vmem-reboot"
+mechanism = "virtio-mem"
+steps = ["grow 256M", "reboot"]
+[[scenario]]
+name = "fpr-free"
+mechanism = "balloon"
+free_page_reporting = true
+workload = "stress"
+workload_size = "50%"
+steps = ["shrink 128M", "free 5s"]
+"""
+
+
+def test_reboot_and_free_steps(image, run_base, tmp_path):
+    suite = tmp_path / "steps.toml"
+    suite.write_text(STEPS)
+    out = tmp_path / "run"
+    res = cli("run", "--suite", str(suite), "--out", str(out), timeout=600)
+    assert res.returncode == 0, res.stderr
+    cells = {c["cell"]: c for c in RunStore.open(out).load_cells()[0]}
+    reboot = cells["vmem-reboot-r1"]["steps"][1]
+    assert reboot["kind"] == "reboot" and reboot["seconds"] > 0
+    # virtio-mem is unplugged on reset and plugged again to the requested size
+    assert reboot["host_after_bytes"] == 256 << 20
+    assert reboot["guest_memtotal_kb"][1] > 0
+    free = cells["fpr-free-r1"]["steps"][1]
+    assert free["kind"] == "free"
+    assert free["guest_memfree_kb"][1] > free["guest_memfree_kb"][0]
+    # with free page reporting the host gets most of the freed working set back
+    assert free["rss_released_bytes"] > 256 << 20

@@ -94,6 +94,19 @@ def test_unknown_suite_lists_the_built_in_ones():
 def test_parse_step():
     assert parse_step("grow 1G", "x").delta == 1 << 30
     assert parse_step("settle 2.5s", "x").seconds == 2.5
+    assert parse_step("free 10s", "x").kind == "free"
+    assert parse_step("oom 2500M", "x").size == 2500 << 20
+    assert str(parse_step("reboot", "x")) == "reboot"
+    with pytest.raises(UserError, match="bad step 'reboot now'"):
+        parse_step("reboot now", "x")
+
+
+def test_free_needs_a_workload():
+    text = GOOD.replace(
+        'steps = ["shrink 256M", "settle 1s", "grow 256M"]', 'steps = ["shrink 256M", "free 2s"]'
+    )
+    with pytest.raises(UserError, match="'free' step needs a workload"):
+        load_suite_text(text, "t.toml")
 
 
 values = st.one_of(

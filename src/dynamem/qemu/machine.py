@@ -57,6 +57,7 @@ class VM:
         self._sampler: SamplerChannel | None = None
         self._host_key = ""
         self._failed = False
+        self._console_offset = 0  # console text before this offset belongs to earlier boots
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -140,7 +141,7 @@ class VM:
         assert self.files is not None and self._process is not None
         deadline = time.monotonic() + timeout
         while True:
-            text = self.console()
+            text = self.console()[self._console_offset :]
             if match := READY.search(text):
                 self.kernel_release = match.group(1)
                 self.timings["ready"] = time.monotonic() - self.timings["t0"]
@@ -164,6 +165,19 @@ class VM:
                     f"guest not ready within {timeout:g} s; last console line: {last[0][:120]}"
                 )
             time.sleep(0.01)
+
+    def reboot(self, timeout: float = 180.0) -> float:
+        """Reset the machine (QMP system_reset) and wait until the guest is usable again;
+        returns the seconds it took. Memory devices keep whatever QEMU keeps on reset."""
+        self._console_offset = len(self.console())
+        if self._sampler is not None:
+            self._sampler.expect_hello()
+        self.shell.close()
+        start = time.monotonic()
+        self.qmp("system_reset")
+        self.wait_ready(timeout)
+        self.shell.open()
+        return time.monotonic() - start
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop QEMU (quit, then SIGKILL by PID) and verify it is gone. Idempotent."""
