@@ -87,12 +87,18 @@ class Idle:
 
 
 class PageCache:
-    """Reads `vm_bytes` of a virtio-blk data disk into the page cache and leaves it there."""
+    """Reads `vm_bytes` of a virtio-blk data disk into the page cache and keeps it there.
+
+    Linux drops a block device's page cache when its last opener closes it, so a holder
+    process keeps the device open until `stop()`.
+    """
 
     name = "pagecache"
+    ready = "/tmp/dynamem-pagecache.ready"
 
     def __init__(self, vm_bytes: int) -> None:
         self.vm_bytes = vm_bytes
+        self.pid: int | None = None
 
     def start(self, vm: "VM", timeout: float = 300.0) -> float:
         start = time.monotonic()
@@ -104,10 +110,24 @@ class PageCache:
         if not dev:
             raise GuestCommandError("the page-cache workload needs the data disk (none found)")
         count = self.vm_bytes >> 20
-        vm.run(["dd", f"if=/dev/{dev}", "of=/dev/null", "bs=1M", f"count={count}"], timeout=timeout)
+        holder = (
+            f"exec 3</dev/{dev}; dd if=/dev/{dev} of=/dev/null bs=1M count={count} "
+            f"2>/dev/null; touch {self.ready}; while :; do sleep 3600; done"
+        )
+        line = f"sh -c {shlex.quote(holder)} </dev/null >/dev/null 2>&1 & echo $!"
+        self.pid = int(vm.run(["sh", "-c", line], timeout=30).stdout.split()[-1])
+        while not vm.run(["test", "-e", self.ready], check=False).ok:
+            if time.monotonic() - start > timeout:
+                raise DeadlineExceeded(
+                    f"reading {format_size(self.vm_bytes)} took over {timeout:g} s"
+                )
+            time.sleep(0.2)
         return time.monotonic() - start
 
     def stop(self, vm: "VM") -> dict[str, Any]:
+        if self.pid is not None:
+            vm.run(["sh", "-c", f"pkill -P {self.pid}; kill {self.pid}"], check=False)
+            self.pid = None
         return {}
 
 

@@ -141,3 +141,46 @@ def test_reboot_and_free_steps(image, run_base, tmp_path):
     assert free["guest_memfree_kb"][1] > free["guest_memfree_kb"][0]
     # with free page reporting the host gets most of the freed working set back
     assert free["rss_released_bytes"] > 256 << 20
+
+
+WORKLOADS = """
+name = "workloads"
+repeats = 1
+seed = 1
+[defaults]
+memory = "1G"
+swap = "none"
+warmup = false
+steps = ["shrink 128M", "grow 128M"]
+[[scenario]]
+name = "impact"
+mechanism = "balloon"
+workload = "impact"
+workload_size = "256M"
+[[scenario]]
+name = "pagecache"
+mechanism = "virtio-mem"
+workload = "pagecache"
+workload_size = "256M"
+"""
+
+
+def test_impact_and_pagecache_workloads(image, run_base, tmp_path):
+    suite = tmp_path / "w.toml"
+    suite.write_text(WORKLOADS)
+    out = tmp_path / "run"
+    res = cli("run", "--suite", str(suite), "--out", str(out), timeout=600)
+    assert res.returncode == 0, res.stderr
+    cells = {c["cell"]: c for c in RunStore.open(out).load_cells()[0]}
+    impact = cells["impact-r1"]
+    assert impact["timings"]["workload_start"] > 0
+    for step in impact["steps"]:
+        figures = step["figures"]["workload"]
+        assert figures["throughput_before_pps"] > 0
+        assert figures["longest_stall_ms"] >= 9  # log lines are 10 ms apart at best
+    page = cells["pagecache-r1"]
+    assert page["status"] == "ok", page["error"]
+    assert page["timings"]["workload_start"] > 0
+    series = RunStore.open(out).load_series("pagecache-r1", 0)
+    # kB: a block device read is cached as Buffers, and it stayed
+    assert series["full_Buffers"].max() >= 200 * 1024

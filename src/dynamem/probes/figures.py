@@ -23,7 +23,8 @@ VMSTAT_KEYS = (
     "oom_kill", "balloon_inflate", "balloon_deflate", "balloon_migrate",
 )  # fmt: skip
 MEMINFO_KEYS = (
-    "MemTotal", "MemFree", "MemAvailable", "SwapFree", "AnonPages", "Cached", "AnonHugePages",
+    "MemTotal", "MemFree", "MemAvailable", "SwapFree", "AnonPages", "Cached", "Buffers",
+    "AnonHugePages",
 )  # fmt: skip
 # Snapshots read by the guest before and after every resize.
 GUEST_FILES = ("/proc/vmstat", "/proc/zoneinfo", "/proc/buddyinfo", "/proc/sys/vm/min_free_kbytes")
