@@ -8,6 +8,7 @@ console tail) and the run goes on; Ctrl-C stops the current guest and leaves a r
 """
 
 import datetime
+import os
 import platform
 import random
 import statistics
@@ -28,7 +29,7 @@ from dynamem.paths import repo_root
 from dynamem.qemu.machine import VM
 from dynamem.resize import ResizeResult, resize
 from dynamem.scenario import Scenario, Step, Suite, load_suite_text
-from dynamem.single import _cpu_model, context_of, plan_for
+from dynamem.single import context_of, cpu_model, plan_for
 from dynamem.steps import free_step, oom_step, reboot_step, split_series
 from dynamem.store import RunStore
 from dynamem.units import GiB
@@ -100,8 +101,8 @@ def run_metadata(accel_request: str | None, qemu: str, guest: str) -> dict[str, 
     plan = plan_vm(memory=GiB, accel_request=accel_request, qemu=qemu, guest=guest)
     return {
         "host_kernel": platform.release(),
-        "host_cpu": _cpu_model(),
-        "host_cpus": len(__import__("os").sched_getaffinity(0)),
+        "host_cpu": cpu_model(),
+        "host_cpus": os.cpu_count(),
         "qemu_version": ".".join(map(str, plan.qemu_version)),
         "accel": plan.accel.accel,
         "accel_reason": plan.accel.reason,

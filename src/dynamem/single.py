@@ -51,7 +51,7 @@ def context_of(plan: Plan, vm: VM, mplan: MemoryPlan) -> dict[str, Any]:
         "guest_kernel": vm.kernel_release,
         "guest_image": plan.image.manifest.get("cache_key"),
         "host_kernel": platform.release(),
-        "host_cpu": _cpu_model(),
+        "host_cpu": cpu_model(),
         "cpus": plan.config.cpus,
         "boot_memory": plan.config.memory,
         "maxmem": plan.config.maxmem,
@@ -65,7 +65,7 @@ def context_of(plan: Plan, vm: VM, mplan: MemoryPlan) -> dict[str, Any]:
     }
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
