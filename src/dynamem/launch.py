@@ -1,6 +1,6 @@
 """From command-line choices to a ready VMConfig: guest image, QEMU check, accelerator."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dynamem.errors import UserError
@@ -49,24 +49,9 @@ def plan_vm(
     if accel_request not in (None, "auto", "kvm", "tcg"):
         raise UserError(f"unknown accelerator {accel_request!r} (choose from auto, kvm, tcg)")
     # Configuration errors first: nothing is probed or started for a plan that cannot run.
-    VMConfig(
+    config = VMConfig(
         kernel=Path("/"),
         initrd=Path("/"),
-        memory=memory,
-        maxmem=maxmem,
-        slots=slots,
-        cpus=cpus,
-        memhp_default_state=memhp_default_state,
-        swap=swap,
-        swap_size=swap_size,
-    )
-    version = check_qemu(qemu)
-    image = find_image(load_recipe(guest))
-    choice = accel.choose(accel_request, qemu, image.kernel)
-    config = VMConfig(
-        kernel=image.kernel,
-        initrd=image.initrd,
-        accel=choice.accel,
         memory=memory,
         maxmem=maxmem,
         slots=slots,
@@ -79,4 +64,8 @@ def plan_vm(
         swap_size=swap_size,
         data_size=data_size,
     )
+    version = check_qemu(qemu)
+    image = find_image(load_recipe(guest))
+    choice = accel.choose(accel_request, qemu, image.kernel)
+    config = replace(config, kernel=image.kernel, initrd=image.initrd, accel=choice.accel)
     return Plan(config, image, choice, version)

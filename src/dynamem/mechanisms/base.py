@@ -160,6 +160,32 @@ class Mechanism(abc.ABC):
 
     # -- shared checks ---------------------------------------------------------------------------
 
+    def hotplug_range(
+        self, before: int, deltas: tuple[int, ...], boot: int | None, maxmem: int | None
+    ) -> tuple[int, int]:
+        """(boot, capacity) for a mechanism that can only remove what it plugged: boot at the
+        lowest point of the path, room for the highest (or up to `maxmem`)."""
+        path = MemoryPlan(boot=0, before=before, deltas=deltas, capacity=0).path
+        low, high = min(path), max(path)
+        boot = low if boot is None else boot
+        for delta in deltas:
+            self.check_aligned(delta, "resize")
+        self.check_aligned(before - boot, "plugged memory before the step")
+        if low < boot:
+            raise UserError(
+                f"{self.label} cannot go below boot RAM {format_size(boot)} "
+                f"(asked for {format_size(low)}): only hotplugged memory can be removed"
+            )
+        capacity = high - boot
+        if maxmem is not None:
+            if maxmem < boot + capacity:
+                raise UserError(
+                    f"the steps need {format_size(boot + capacity)} but maxmem is "
+                    f"{format_size(maxmem)}"
+                )
+            capacity = (maxmem - boot) // self.granularity * self.granularity
+        return boot, capacity
+
     def check_aligned(self, size: int, what: str) -> None:
         if size % self.granularity:
             raise UserError(

@@ -48,25 +48,7 @@ class Dimm(Mechanism):
         *,
         strict: bool = True,
     ) -> MemoryPlan:
-        path = MemoryPlan(boot=0, before=before, deltas=deltas, capacity=0).path
-        low, high = min(path), max(path)
-        boot = low if boot is None else boot
-        for delta in deltas:
-            self.check_aligned(delta, "resize")
-        self.check_aligned(before - boot, "hotplugged memory before the step")
-        if low < boot:
-            raise UserError(
-                f"DIMM hotplug cannot go below boot RAM {format_size(boot)} "
-                f"(asked for {format_size(low)}): only DIMMs can be unplugged"
-            )
-        capacity = high - boot
-        if maxmem is not None:
-            if maxmem < boot + capacity:
-                raise UserError(
-                    f"the step needs {format_size(boot + capacity)} but maxmem is "
-                    f"{format_size(maxmem)}"
-                )
-            capacity = (maxmem - boot) // self.dimm_size * self.dimm_size
+        boot, capacity = self.hotplug_range(before, deltas, boot, maxmem)
         self.slots = max(1, capacity // self.dimm_size)
         if self.slots > MAX_SLOTS:
             raise UserError(
