@@ -183,9 +183,6 @@ class SamplerChannel:
     def mark(self) -> int:
         return len(self.samples)
 
-    def column(self, name: str) -> int:
-        return self.columns.index(name)
-
     # -- reader --------------------------------------------------------------------------------
 
     def _read_loop(self) -> None:

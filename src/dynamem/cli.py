@@ -23,6 +23,16 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{self.prog.removeprefix('dynamem ')}: {message}")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {text!r}")
+    return value
+
+
 def _size(text: str) -> int:
     return parse_size(text, what="size")
 
@@ -62,7 +72,7 @@ def _vm_options(p: argparse.ArgumentParser) -> None:
         default="2G",
         help="guest RAM (default: 2G); for resize: the size before the measured step",
     )
-    p.add_argument("--cpus", type=int, default=2, help="vCPUs (default: 2)")
+    p.add_argument("--cpus", type=_positive_int, default=2, help="vCPUs (default: 2)")
     p.add_argument("--accel", default="auto", help="auto (probe), kvm or tcg (default: auto)")
     p.add_argument("--qemu", default="qemu-system-x86_64", help="QEMU binary")
     p.add_argument(
@@ -483,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="finish an interrupted run")
     p.add_argument("--dry-run", action="store_true", help="print the cells and an estimate")
     p.add_argument("--seed", type=int, help="order seed (default: the suite's)")
-    p.add_argument("--repeats", type=int, help="override every scenario's repeats")
+    p.add_argument("--repeats", type=_positive_int, help="override every scenario's repeats")
     p.add_argument("--guest", default="minimal")
     p.add_argument("--accel", default="auto")
     p.add_argument("--qemu", default="qemu-system-x86_64")
@@ -500,13 +510,13 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = bench.add_subparsers(dest="bench_command", required=True, parser_class=_ArgumentParser)
     p = bsub.add_parser("boot", help="boot-to-SSH versus a bare QEMU boot-to-init, side by side")
     _vm_options(p)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=_positive_int, default=5)
     p.set_defaults(func=cmd_bench_boot)
     p = bsub.add_parser("resize", help="dynamem's resize timing versus a bare QMP script")
     _vm_options(p)
     p.add_argument("--mechanism", required=True, help="balloon, dimm or virtio-mem")
     p.add_argument("--size", type=_size, default="256M")
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=_positive_int, default=10)
     p.add_argument("--poll-interval", type=float, default=0.002, help="seconds (default 0.002)")
     p.set_defaults(func=cmd_bench_resize)
     p = bsub.add_parser("sampler", help="CPU cost of the in-guest sampler per sampling mode")
@@ -515,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_sampler)
     p = bsub.add_parser("build", help="guest build from the warm package cache, and a cache hit")
     p.add_argument("guest", nargs="?", default="minimal")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=_positive_int, default=3)
     p.set_defaults(func=cmd_bench_build)
     return parser
 

@@ -164,7 +164,7 @@ def _series(
     return out
 
 
-def _kernel_log(vm: "VM") -> list[str]:
+def kernel_log(vm: "VM") -> list[str]:
     """The guest kernel log, read by the sampler (an SSH `dmesg` would allocate guest memory
     that a following unplug might have to migrate)."""
     return parse_kmsg(vm.sampler.snapshot(["kmsg"])["kmsg"])
@@ -200,7 +200,7 @@ def resize(
     )
     cal = calibration or ch.calibrate(20)
     res.channel_rtt_median_s, res.channel_rtt_p95_s = cal.rtt_median, cal.rtt_p95
-    log_before = _kernel_log(vm)
+    log_before = kernel_log(vm)
     res.memory_blocks_before = _memblocks(vm)
     res.host_before_bytes = mech.host_bytes(vm)
     guest_before = ch.snapshot(list(GUEST_FILES))
@@ -261,7 +261,7 @@ def resize(
     if res.t_host_done_ns is not None:
         res.host_latency_s = (res.t_host_done_ns - t_req) / 1e9
     res.memory_blocks_after = _memblocks(vm)
-    new_lines = _kernel_log(vm)[len(log_before) :]
+    new_lines = kernel_log(vm)[len(log_before) :]
     res.kernel_log = hotplug_log_lines("\n".join(new_lines))
     _judge(mech, res)
     return res

@@ -23,13 +23,13 @@ from typing import Any
 import numpy as np
 
 from dynamem import __version__
-from dynamem.errors import DynamemError, VMError
+from dynamem.errors import DynamemError
 from dynamem.launch import plan_vm
 from dynamem.paths import repo_root
 from dynamem.qemu.machine import VM
 from dynamem.resize import ResizeResult, resize
 from dynamem.scenario import Scenario, Step, Suite, load_suite_text
-from dynamem.single import context_of, cpu_model, plan_for
+from dynamem.single import context_of, cpu_model, plan_for, prepare
 from dynamem.steps import free_step, oom_step, reboot_step, split_series
 from dynamem.store import RunStore
 from dynamem.units import GiB
@@ -174,18 +174,9 @@ def run_cell(
             vm.start()
             timings["boot"] = time.monotonic() - t0
             record["context"] = context_of(plan, vm, mplan)
-            if mplan.prepare:
-                t = time.monotonic()
-                prep = resize(vm, mech, mplan.prepare, deadline_s=s.deadline)
-                timings["preparation"] = time.monotonic() - t
-                if prep.outcome != "ok":
-                    raise VMError(f"preparation did not complete: {prep.outcome} {prep.message}")
-            if s.warmup:
-                t = time.monotonic()
-                deltas = list(s.deltas)
-                for delta in deltas + [-d for d in reversed(deltas)]:
-                    resize(vm, mech, delta, deadline_s=s.deadline)
-                timings["warmup"] = time.monotonic() - t
+            _, timings["preparation"], timings["warmup"] = prepare(
+                vm, mech, mplan, warmup=s.warmup, deadline_s=s.deadline
+            )
             workload = make_workload(s.workload, s.workload_size)
             timings["workload_start"] = workload.start(vm)
             results: list[ResizeResult] = []

@@ -146,6 +146,8 @@ def bench_resize(
     repeats: int,
     interval: float,
     report: Callable[[str], None],
+    *,
+    memory: int = 2 << 30,
     **vm_options: object,
 ) -> ResizeBench:
     """Grow and shrink by `size` in one VM, alternating dynamem and the bare script."""
@@ -159,7 +161,7 @@ def bench_resize(
     from dynamem.single import plan_for
 
     mech = mechanisms.make(mechanism)
-    before = int(vm_options.pop("memory", 2 << 30))  # type: ignore[call-overload]
+    before = memory
     mplan = mech.plan(before, -size, None, None)
     if mechanism == "dimm":
         # Room for the harness's DIMMs and the bare script's, which use their own ids.

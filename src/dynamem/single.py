@@ -2,6 +2,7 @@
 measured resize, and the record with its context."""
 
 import platform
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +12,7 @@ from dynamem.launch import Plan, plan_vm
 from dynamem.mechanisms import Mechanism, MemoryPlan
 from dynamem.parsers import hotplug_log_lines
 from dynamem.qemu.machine import VM
-from dynamem.resize import ResizeResult, resize
+from dynamem.resize import ResizeResult, kernel_log, resize
 from dynamem.units import format_size
 from dynamem.workloads import Stress, touch_and_free
 
@@ -62,6 +63,7 @@ def context_of(plan: Plan, vm: VM, mplan: MemoryPlan) -> dict[str, Any]:
         "kernel_cmdline": plan.config.cmdline,
         "before_bytes": mplan.before,
         "dynamem_version": __version__,
+        "boot_kernel_log": hotplug_log_lines("\n".join(kernel_log(vm))),
     }
 
 
@@ -74,6 +76,40 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def prepare(
+    vm: VM, mech: Mechanism, mplan: MemoryPlan, *, warmup: bool, deadline_s: float = 120.0
+) -> tuple[ResizeResult | None, float, float]:
+    """Bring the guest to `mplan.before` (plug or inflate, unmeasured), then optionally do
+    the steps once and undo them, so the measured pass does not pay first-time costs.
+
+    Returns (the preparation record, seconds preparing, seconds warming up). A warm-up step
+    that does not complete ends the warm-up; only completed steps are undone, so the
+    measured steps start from `before` either way.
+    """
+    prep = None
+    t0 = time.monotonic()
+    if mplan.prepare:
+        prep = resize(vm, mech, mplan.prepare, deadline_s=deadline_s)
+        if prep.outcome != "ok":
+            raise VMError(
+                f"preparation ({format_size(abs(mplan.prepare))} "
+                f"{'plug' if mplan.prepare > 0 else 'inflate'}) did not complete: "
+                f"{prep.outcome} {prep.message}"
+            )
+    t1 = time.monotonic()
+    if warmup:
+        done: list[int] = []
+        for delta in mplan.deltas:
+            if resize(vm, mech, delta, deadline_s=deadline_s).outcome != "ok":
+                break
+            done.append(delta)
+        for delta in reversed(done):
+            undo = resize(vm, mech, -delta, deadline_s=deadline_s)
+            if undo.outcome != "ok":
+                raise VMError(f"undoing a warm-up step did not complete: {undo.message}")
+    return prep, t1 - t0, time.monotonic() - t1
 
 
 def run_single(
@@ -92,22 +128,7 @@ def run_single(
     with VM(plan.config) as vm:
         vm.start(ready_timeout=ready_timeout)
         context = context_of(plan, vm, mplan)
-        context["boot_kernel_log"] = hotplug_log_lines(vm.run(["dmesg"], timeout=30).stdout)
-        prep = None
-        if mplan.prepare:
-            prep = resize(vm, mech, mplan.prepare)
-            if prep.outcome != "ok":
-                vm.mark_failed()
-                raise VMError(
-                    f"preparation ({format_size(abs(mplan.prepare))} "
-                    f"{'plug' if mplan.prepare > 0 else 'inflate'}) did not complete: "
-                    f"{prep.outcome} {prep.message}"
-                )
-        if warmup:
-            for step in (mplan.delta, -mplan.delta):
-                if resize(vm, mech, step).outcome != "ok":
-                    vm.mark_failed()
-                    raise VMError("the warm-up step did not complete")
+        prep, _, _ = prepare(vm, mech, mplan, warmup=warmup)
         if touch:
             touch_and_free(vm, touch)
         workload = Stress(stress) if stress else None

@@ -3,7 +3,7 @@
 from typing import TYPE_CHECKING, Any
 
 from dynamem.errors import UserError
-from dynamem.mechanisms.base import CapabilityLimit, Mechanism, MemoryPlan, Progress, Request
+from dynamem.mechanisms.base import CapabilityLimit, Mechanism, MemoryPlan, Request
 from dynamem.units import format_size
 
 if TYPE_CHECKING:
@@ -92,10 +92,6 @@ class Balloon(Mechanism):
         # QMP `balloon` takes the target logical size of the VM, not the balloon's size.
         vm.qmp("balloon", value=target)
         return Request(target=target, start=start)
-
-    def poll(self, vm: "VM", req: Request) -> Progress:
-        actual = self.host_bytes(vm)
-        return Progress(actual, actual == req.target)
 
     def describe(self) -> dict[str, Any]:
         return {

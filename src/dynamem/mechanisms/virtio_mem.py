@@ -7,7 +7,7 @@ Mode (device block >= 128 MiB) are variants of the same device.
 from typing import TYPE_CHECKING, Any
 
 from dynamem.errors import UserError
-from dynamem.mechanisms.base import Mechanism, MemoryPlan, Progress, Request
+from dynamem.mechanisms.base import Mechanism, MemoryPlan, Request
 from dynamem.units import MiB, format_size
 
 if TYPE_CHECKING:
@@ -75,10 +75,6 @@ class VirtioMem(Mechanism):
             )
         vm.qmp("qom-set", path=DEVICE, property="requested-size", value=target)
         return Request(target=target, start=start)
-
-    def poll(self, vm: "VM", req: Request) -> Progress:
-        size = self.host_bytes(vm)
-        return Progress(size, size == req.target)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -250,7 +250,3 @@ class VM:
             return self.files.console_log.read_text(errors="replace")
         except FileNotFoundError:
             return ""
-
-    def mark_failed(self) -> None:
-        """Keep the run directory for inspection after shutdown."""
-        self._failed = True
