@@ -35,8 +35,8 @@ demo)
     dynamem run --suite quick
     ;;
 test)
-    ruff check src tests bench
-    ruff format --check src tests bench
+    ruff check src tests bench analysis
+    ruff format --check src tests bench analysis
     mypy
     pytest
     ;;
