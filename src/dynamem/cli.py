@@ -309,11 +309,12 @@ def cmd_bench_stats(args: argparse.Namespace) -> int:
 
     res = bench_stats(args.samples, args.groups, args.resamples, args.repeats, args.loop_groups)
     vec = statistics.median(res.vectorized_s)
+    runs = ", ".join(f"{t:.3f}" for t in res.vectorized_s)
     scaled = "" if res.loop_groups == res.groups else f" (timed {res.loop_groups}, scaled)"
     print(f"{res.samples:,} samples in {res.groups:,} groups: median, IQR, 95% CI of the median")
     print(
         f"  dynamem, vectorized (exact order-statistic CI): median {vec:.3f} s over "
-        f"{len(res.vectorized_s)} repeats (runs: {', '.join(f'{t:.3f}' for t in res.vectorized_s)});"
+        f"{len(res.vectorized_s)} repeats (runs: {runs});"
         f" CI held the true median in {res.coverage:.1%} of groups"
     )
     print(
