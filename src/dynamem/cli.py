@@ -197,8 +197,74 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(runner.format_table(runner.summary_rows(cells)))
     print(runner.overhead_summary(cells))
     print(f"results: {store.directory}")
+    if not args.no_report and cells:
+        from dynamem.analysis.report import build_report
+
+        _, page = build_report(store, report_dir(store.run["run_id"]))
+        print(f"report: {page}")
     failed = sum(1 for c in cells if c["status"] != "ok")
     return 1 if failed else 0
+
+
+def report_dir(run_id: str) -> Path:
+    from dynamem.paths import repo_root
+
+    return repo_root() / "results" / "report" / run_id
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dynamem.analysis.report import build_report
+    from dynamem.store import RunStore
+
+    for run_dir in args.runs:
+        store = RunStore.open(run_dir)
+        out = args.out or report_dir(store.run["run_id"])
+        if len(args.runs) > 1 and args.out:
+            out = args.out / store.run["run_id"]
+        md, page = build_report(store, out)
+        print(f"report: {page}  (and {md.name}, figures beside it)")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from dynamem.analysis.compare import Thresholds, check_comparable, compare_tables, regressed
+    from dynamem.analysis.metrics import tidy
+    from dynamem.runner import format_table
+    from dynamem.store import RunStore
+
+    a, b = RunStore.open(args.run_a), RunStore.open(args.run_b)
+    for diff in check_comparable(a.run, b.run, args.allow_mixed):
+        print(f"warning: mixed runs, {diff}", file=sys.stderr)
+    tables = []
+    for store in (a, b):
+        cells, problems = store.load_cells()
+        for problem in problems:
+            print(f"{store.directory}: unreadable cell record {problem}", file=sys.stderr)
+        tables.append(tidy(cells, store.run["run_id"]))
+    table = compare_tables(tables[0], tables[1], Thresholds(args.alpha, args.noise))
+    if table.empty:
+        raise UserError("compare: the two runs have no scenario step and metric in common")
+    rows = [["scenario", "step", "metric", "A median", "B median", "B/A", "95% CI", "p (Holm)",
+             "verdict"]]  # fmt: skip
+    for r in table.itertuples():
+        ci = f"{r.ci_low:.2f}-{r.ci_high:.2f}" if np.isfinite(r.ci_low) else r.note
+        rows.append([
+            r.scenario, r.step, r.metric, f"{r.median_a:.4g}", f"{r.median_b:.4g}",
+            f"{r.ratio:.2f}" if np.isfinite(r.ratio) else "-", ci,
+            f"{r.p_holm:.3g}" if np.isfinite(r.p_holm) else "-", r.verdict,
+        ])  # fmt: skip
+    print(format_table(rows))
+    counts = table["verdict"].value_counts().to_dict()
+    print(
+        f"A = {a.run['run_id']}, B = {b.run['run_id']}; alpha {args.alpha}, noise "
+        f"{args.noise:.0%}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    )
+    if regressed(table):
+        print("dynamem: regression: B is slower or worse than A", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -517,10 +583,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the cells and an estimate")
     p.add_argument("--seed", type=int, help="order seed (default: the suite's)")
     p.add_argument("--repeats", type=_positive_int, help="override every scenario's repeats")
+    p.add_argument(
+        "--no-report",
+        action="store_true",
+        help="skip the report (results/report/<run-id>/index.html) at the end",
+    )
     p.add_argument("--guest", default="minimal")
     p.add_argument("--accel", default="auto")
     p.add_argument("--qemu", default="qemu-system-x86_64")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="statistics, figures and an HTML/Markdown report of runs")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
+    p.add_argument("--out", type=Path, help="default: results/report/<run-id>")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="run B against run A, metric by metric; exit 1 if worse")
+    p.add_argument("run_a", type=Path, metavar="RUN_A")
+    p.add_argument("run_b", type=Path, metavar="RUN_B")
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level (after Holm)")
+    p.add_argument("--noise", type=float, default=0.10, help="changes below this share are noise")
+    p.add_argument(
+        "--allow-mixed",
+        action="store_true",
+        help="compare runs with different accelerator, QEMU, guest kernel or CPU",
+    )
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("doctor", help="check QEMU, the accelerator, the guest image, host tools")
     p.add_argument("--guest", default="minimal")

@@ -1,0 +1,338 @@
+"""The report's figures: one function per question, each readable on its own.
+
+Every figure uses the same colour per mechanism (`PALETTE`), units on every axis, and
+statistics from `dynamem.analysis.stats` (so a figure and the tables beside it agree).
+A function returns None when the run holds no data for its figure; the report says so.
+"""
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: reports are built on headless CI hosts
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
+
+from dynamem.analysis.metrics import main_zone, variant_label  # noqa: E402
+from dynamem.analysis.stats import group_stats  # noqa: E402
+
+MECHANISMS = ["balloon", "dimm", "virtio-mem/sbm", "virtio-mem/bbm"]
+PALETTE = dict(zip(MECHANISMS, sns.color_palette("colorblind", 4), strict=True))
+MARKERS = {"idle": "o", "stress": "s", "pagecache": "^", "impact": "D"}
+DPI = 110
+
+LoadSeries = Callable[[str, int], dict[str, np.ndarray]]
+
+
+def _style() -> None:
+    sns.set_theme(context="notebook", style="whitegrid", font_scale=0.95)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def ordered(mechanisms: Any) -> list[str]:
+    present = list(dict.fromkeys(mechanisms))
+    return [m for m in MECHANISMS if m in present] + [m for m in present if m not in MECHANISMS]
+
+
+def summarize(t: pd.DataFrame, by: list[str], seed: int) -> pd.DataFrame:
+    """Median and bootstrap CI per group of a tidy table's `value` column."""
+    if t.empty:
+        return pd.DataFrame(columns=[*by, "n", "median", "ci_low", "ci_high"])
+    codes, keys = pd.factorize(pd.MultiIndex.from_frame(t[by]))
+    g = group_stats(t["value"].to_numpy(float), codes, len(keys), method="bootstrap", seed=seed)
+    out = pd.DataFrame(list(keys), columns=by)
+    out["n"], out["median"], out["ci_low"], out["ci_high"] = g.n, g.median, g.ci_low, g.ci_high
+    return out
+
+
+def latency_vs_size(t: pd.DataFrame, path: Path, seed: int) -> Path | None:
+    data = t[(t.metric == "latency_guest_s") & (t.outcome == "ok")]
+    if data.empty:
+        return None
+    _style()
+    s = summarize(data, ["direction", "mechanism", "workload", "size_mib"], seed)
+    directions = [d for d in ("shrink", "grow") if d in set(s.direction)]
+    fig, axes = plt.subplots(1, len(directions), figsize=(5.2 * len(directions), 4.2))
+    axes = np.atleast_1d(axes)
+    mechs = ordered(s.mechanism)
+    for ax, direction in zip(axes, directions, strict=True):
+        part = s[s.direction == direction]
+        for i, mech in enumerate(mechs):
+            # Spread mechanisms a little along x so equal sizes do not hide each other.
+            nudge = 1.0 + 0.06 * (i - (len(mechs) - 1) / 2)
+            for workload, rows in part[part.mechanism == mech].groupby("workload"):
+                rows = rows.sort_values("size_mib")
+                err = np.vstack([rows["median"] - rows.ci_low, rows.ci_high - rows["median"]])
+                ax.errorbar(
+                    rows.size_mib * nudge,
+                    rows["median"],
+                    yerr=np.clip(err, 0, None),
+                    color=PALETTE.get(mech),
+                    marker=MARKERS.get(str(workload), "o"),
+                    linestyle="-" if len(rows) > 1 else "none",
+                    capsize=3,
+                    label=f"{mech}, {workload}",
+                )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"{direction}: request to guest-visible completion")
+        ax.set_xlabel("size of the step (MiB, log)")
+        ax.set_ylabel("latency (s, log); median and 95% CI")
+        sizes = sorted(set(part.size_mib))
+        ax.set_xticks(sizes, [f"{x:g}" for x in sizes])
+        ax.minorticks_off()
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.set_xlim(min(sizes) / 1.5, max(sizes) * 1.5)
+    axes[-1].legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
+def representative_cells(cells: list[dict[str, Any]]) -> dict[str, tuple[dict[str, Any], int]]:
+    """Per mechanism, the shrink whose latency is the median of its scenario (the first
+    scenario with a workload if any, else idle): (cell, step index)."""
+    candidates: dict[tuple[str, str], list[tuple[float, dict[str, Any], int]]] = {}
+    for cell in cells:
+        if cell["status"] != "ok":
+            continue
+        for k, step in enumerate(cell["steps"]):
+            if step.get("kind") == "resize" and step.get("direction") == "shrink":
+                mech = variant_label(step["mechanism"], step.get("variant"))
+                latency = step.get("guest_latency_s") or step.get("host_latency_s") or 0.0
+                candidates.setdefault((mech, cell["workload"]), []).append((latency, cell, k))
+    chosen: dict[str, tuple[dict[str, Any], int]] = {}
+    for (mech, _workload), items in sorted(candidates.items(), key=lambda kv: kv[0][1] == "idle"):
+        if mech in chosen:
+            continue
+        items.sort(key=lambda x: x[0])
+        _, cell, k = items[(len(items) - 1) // 2]
+        chosen[mech] = (cell, k)
+    return chosen
+
+
+def time_series(cells: list[dict[str, Any]], load: LoadSeries, path: Path) -> Path | None:
+    chosen = representative_cells(cells)
+    if not chosen:
+        return None
+    _style()
+    panels: list[tuple[str, str, Callable[[dict[str, np.ndarray]], Any]]] = [
+        ("guest MemTotal\n(MiB)", "full_t_ns", lambda s: s["full_MemTotal"] / 1024),
+        ("host: QEMU RSS\n(MiB)", "host_t_ns", lambda s: s["host_rss_kb"] / 1024),
+        (
+            "guest swap-out\n(pages since request)",
+            "full_t_ns",
+            lambda s: s["full_pswpout"] - s["full_pswpout"][0],
+        ),
+        (
+            "pages migrated\n(since request)",
+            "full_t_ns",
+            lambda s: s["full_pgmigrate_success"] - s["full_pgmigrate_success"][0],
+        ),
+    ]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8.5, 9.5), sharex=True)
+    titles = []
+    for mech in ordered(chosen):
+        cell, k = chosen[mech]
+        try:
+            series = load(cell["cell"], k)
+        except (OSError, KeyError):
+            continue
+        t0 = int(series["t_request_ns"])
+        for ax, (label, tkey, value) in zip(axes, panels, strict=True):
+            if tkey not in series or len(series[tkey]) == 0:
+                continue
+            ax.plot((series[tkey] - t0) / 1e9, value(series), color=PALETTE.get(mech), label=mech)
+            ax.set_ylabel(label, fontsize=9)
+        titles.append(f"{mech}: {cell['scenario']} r{cell['repeat']}")
+    if not titles:
+        plt.close(fig)
+        return None
+    for ax in axes:
+        ax.axvline(0, color="grey", linewidth=0.8, linestyle=":")
+    axes[0].set_title(
+        "one shrink per mechanism (the median-latency repeat)\n" + "; ".join(titles), fontsize=9
+    )
+    axes[0].legend(fontsize=8)
+    axes[-1].set_xlabel("time since the request (s)")
+    return _save(fig, path)
+
+
+def rss_vs_requested(t: pd.DataFrame, path: Path) -> Path | None:
+    data = t[t.metric == "rss_reclaimed_mib"]
+    if data.empty:
+        return None
+    _style()
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    sns.stripplot(
+        data=data,
+        x="size_mib",
+        y="value",
+        hue="mechanism",
+        hue_order=ordered(data.mechanism),
+        palette=PALETTE,
+        dodge=True,
+        jitter=0.15,
+        ax=ax,
+        marker="o",
+        size=6,
+    )
+    sizes = sorted(set(data.size_mib))
+    for i, size in enumerate(sizes):
+        ax.hlines(size, i - 0.45, i + 0.45, color="black", linewidth=1.2, linestyle="--")
+    ax.set_xticks(range(len(sizes)), [f"{s:g}" for s in sizes])
+    ax.set_xlabel("memory removed (MiB); dashed line = all of it returned to the host")
+    ax.set_ylabel("QEMU RSS reclaimed (MiB)")
+    ax.set_title("host memory given back by each shrink")
+    ax.legend(fontsize=8, title=None)
+    return _save(fig, path)
+
+
+def _frag_rows(cells: list[dict[str, Any]]) -> pd.DataFrame:
+    rows = []
+    for cell in cells:
+        for step in cell.get("steps", []):
+            frag = step.get("figures", {}).get("guest", {}).get("fragmentation")
+            if step.get("kind") != "resize" or step.get("direction") != "shrink" or not frag:
+                continue
+            zone = main_zone(frag)
+            if zone is None:
+                continue
+            mech = variant_label(step["mechanism"], step.get("variant"))
+            for when in ("before", "after"):
+                values = frag[zone].get(f"unusable_milli_{when}")
+                if values is None:
+                    continue
+                for order, v in enumerate(values):
+                    rows.append((mech, cell["workload"], zone, when, order, v / 1000))
+    return pd.DataFrame(rows, columns=["mechanism", "workload", "zone", "when", "order", "index"])
+
+
+def fragmentation(cells: list[dict[str, Any]], path: Path) -> Path | None:
+    rows = _frag_rows(cells)
+    if rows.empty:
+        return None
+    _style()
+    mechs = ordered(rows.mechanism)
+    workloads = sorted(set(rows.workload), key=lambda w: w != "idle")
+    fig, axes = plt.subplots(
+        len(workloads),
+        len(mechs),
+        figsize=(3.4 * len(mechs), 3.0 * len(workloads)),
+        sharex=True,
+        sharey=True,
+        squeeze=False,
+    )
+    for r, workload in enumerate(workloads):
+        for c, mech in enumerate(mechs):
+            ax = axes[r][c]
+            part = rows[(rows.mechanism == mech) & (rows.workload == workload)]
+            med = part.groupby(["when", "order"])["index"].median().reset_index()
+            for when, style in (("before", "--"), ("after", "-")):
+                line = med[med.when == when]
+                ax.plot(line.order, line["index"], style, color=PALETTE.get(mech), label=when)
+            ax.set_title(f"{mech}, {workload}", fontsize=9)
+            ax.set_ylim(-0.03, 1.03)
+            if r == len(workloads) - 1:
+                ax.set_xlabel("allocation order (9 = 2 MiB THP)")
+            if c == 0:
+                ax.set_ylabel("unusable free space index")
+            ax.axvline(9, color="grey", linewidth=0.6, linestyle=":")
+    axes[0][0].legend(fontsize=8, title="around the shrink")
+    fig.suptitle("guest fragmentation of the main zone before and after a shrink (median)")
+    return _save(fig, path)
+
+
+def _watermark_rows(cells: list[dict[str, Any]]) -> pd.DataFrame:
+    rows = []
+    for cell in cells:
+        for step in cell.get("steps", []):
+            marks = step.get("figures", {}).get("guest", {}).get("watermarks")
+            if step.get("kind") != "resize" or not marks:
+                continue
+            mech = variant_label(step["mechanism"], step.get("variant"))
+            for zone, z in marks.items():
+                for level in ("min", "low", "high"):
+                    change = (z[level][1] - z[level][0]) * 4
+                    rows.append((mech, step["direction"], zone.split("/")[-1], level, change))
+    return pd.DataFrame(rows, columns=["mechanism", "direction", "zone", "level", "change_kib"])
+
+
+def watermarks(cells: list[dict[str, Any]], path: Path) -> Path | None:
+    rows = _watermark_rows(cells)
+    if rows.empty:
+        return None
+    _style()
+    data = rows[rows.level == "high"]
+    directions = [d for d in ("shrink", "grow") if d in set(data.direction)]
+    fig, axes = plt.subplots(
+        1, len(directions), figsize=(5.5 * len(directions), 4.2), sharey=True, squeeze=False
+    )
+    for ax, direction in zip(axes[0], directions, strict=True):
+        sns.barplot(
+            data=data[data.direction == direction],
+            x="zone",
+            y="change_kib",
+            hue="mechanism",
+            hue_order=ordered(data.mechanism),
+            palette=PALETTE,
+            estimator="median",
+            errorbar=None,
+            ax=ax,
+        )
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_title(f"{direction}: change of each zone's high watermark")
+        ax.set_xlabel("zone")
+        ax.set_ylabel("high watermark change (KiB, median)")
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def workload_impact(t: pd.DataFrame, path: Path, seed: int) -> Path | None:
+    data = t[t.metric.isin(["workload_slowdown", "workload_longest_stall_ms"])]
+    if data.empty:
+        return None
+    _style()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, (metric, label) in zip(
+        axes,
+        [
+            ("workload_slowdown", "throughput before / during the resize (x)"),
+            ("workload_longest_stall_ms", "longest stall during the resize (ms)"),
+        ],
+        strict=True,
+    ):
+        part = data[data.metric == metric]
+        if part.empty:
+            ax.set_visible(False)
+            continue
+        sns.pointplot(
+            data=part,
+            x="step",
+            y="value",
+            hue="mechanism",
+            hue_order=ordered(part.mechanism),
+            palette=PALETTE,
+            estimator="median",
+            errorbar=("ci", 95),
+            seed=seed,
+            dodge=0.3,
+            linestyle="none",
+            ax=ax,
+        )
+        ax.set_ylabel(label)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    fig.suptitle("what the workload felt (impact probe: pages touched per second)")
+    return _save(fig, path)
