@@ -188,12 +188,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             guest=args.guest,
             report=lambda m: print(m, file=sys.stderr),
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(
             f"\ndynamem: interrupted; finish with: dynamem run --resume {store.directory}",
             file=sys.stderr,
         )
-        return 130
+        return _interrupted_status(exc)
     print(runner.format_table(runner.summary_rows(cells)))
     print(runner.overhead_summary(cells))
     print(f"results: {store.directory}")
@@ -547,9 +547,16 @@ def _join_signed(argv: list[str]) -> list[str]:
     return out
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: unwinds like Ctrl-C so every `finally` stops its QEMU; exit status 143."""
+
+
 def _terminate(signum: int, frame: FrameType | None) -> None:
-    # SIGTERM unwinds like Ctrl-C so every `finally` stops its QEMU.
-    raise KeyboardInterrupt
+    raise Terminated
+
+
+def _interrupted_status(exc: KeyboardInterrupt) -> int:
+    return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -562,9 +569,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"dynamem: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("dynamem: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted_status(exc)
     except BrokenPipeError:  # e.g. `dynamem run --dry-run | head`
         sys.stderr.close()
         return 0
