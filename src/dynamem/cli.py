@@ -1,6 +1,7 @@
 """The `dynamem` command line: one function per command, shared arguments in one place."""
 
 import argparse
+import math
 import signal
 import sys
 import time
@@ -30,6 +31,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected at least 1, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 < value < math.inf:  # also refuses nan, which would never time out
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
 
 
@@ -89,7 +100,7 @@ def _vm_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--ready-timeout",
-        type=float,
+        type=_seconds,
         default=180.0,
         help="seconds to wait for the guest to answer SSH (default: 180)",
     )
@@ -425,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     _vm_options(p)
     p.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=300.0,
         help="seconds CMD may run in the guest (default: 300)",
     )
@@ -517,11 +528,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mechanism", required=True, help="balloon, dimm or virtio-mem")
     p.add_argument("--size", type=_size, default="256M")
     p.add_argument("--repeats", type=_positive_int, default=10)
-    p.add_argument("--poll-interval", type=float, default=0.002, help="seconds (default 0.002)")
+    p.add_argument("--poll-interval", type=_seconds, default=0.002, help="seconds (default 0.002)")
     p.set_defaults(func=cmd_bench_resize)
     p = bsub.add_parser("sampler", help="CPU cost of the in-guest sampler per sampling mode")
     _vm_options(p)
-    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--seconds", type=_seconds, default=10.0)
     p.set_defaults(func=cmd_bench_sampler)
     p = bsub.add_parser("build", help="guest build from the warm package cache, and a cache hit")
     p.add_argument("guest", nargs="?", default="minimal")
