@@ -326,6 +326,8 @@ def run_suite(
     """Run every cell of the store's run not yet completed; returns all cell records."""
     run = store.run
     suite = suite_of(run)
+    for problem in store.set_aside_invalid():
+        report(f"unreadable cell record {problem}; set aside as .invalid, the cell runs again")
     by_id = {c.id: c for c in cells_in_order(suite, run["seed"])}
     todo = [by_id[i] for i in run["order"] if i not in store.completed()]
     progress = Progress(len(run["order"]), sum(estimate_cell_s(c.scenario) for c in todo))

@@ -15,7 +15,9 @@ Layout of `results/raw/<run-id>/` (format version 1):
   host monotonic clock in ns; `t_request_ns` is the request).
 
 Every file is written to a temporary name, fsynced and renamed, so a crash never leaves a
-half-written file; a cell's JSON is written last and marks the cell complete.
+half-written file; a cell's JSON is written last and marks the cell complete. A cell JSON
+that fails validation is reported; on resume it is set aside as `<cell>.json.invalid` and
+the cell runs again.
 """
 
 import io
@@ -167,6 +169,19 @@ class RunStore:
             except (OSError, ValueError) as exc:
                 problems.append(f"{path.name}: {exc}")
         return cells, problems
+
+    def set_aside_invalid(self) -> list[str]:
+        """Rename each cell record that fails validation to `<cell>.json.invalid` (kept as
+        evidence), so the cell counts as not done and a resume runs it again; returns the
+        problems, for the caller to report."""
+        problems = []
+        for path in sorted(self.cells_dir.glob("*.json")):
+            try:
+                validate_cell(json.loads(path.read_text()), path.stem)
+            except (OSError, ValueError) as exc:
+                problems.append(f"{path.name}: {exc}")
+                os.replace(path, path.with_name(path.name + ".invalid"))
+        return problems
 
     def load_series(self, cell_id: str, step: int) -> dict[str, np.ndarray]:
         with np.load(self.cells_dir / f"{cell_id}.step{step}.npz") as data:

@@ -100,20 +100,32 @@ def test_records_that_are_not_objects_or_lack_keys_are_reported(tmp_path):
     assert problems == ["a-r1.json: not a JSON object but list", "b-r1.json: missing key 'timings'"]
 
 
-def test_the_runner_reports_unreadable_records(tmp_path, monkeypatch):
+def test_a_resume_reports_unreadable_records_and_runs_those_cells_again(tmp_path, monkeypatch):
     from dynamem import runner
 
     suite = 'name = "s"\n[[scenario]]\nname = "a"\nmechanism = "balloon"\nsteps = ["shrink 4K"]\n'
     run = {"run_id": "x", "seed": 1, "suite": {"name": "s", "toml": suite}}
     run["order"] = [c.id for c in runner.cells_in_order(load_suite_text(suite, "s"), 1)]
     store = RunStore.create(tmp_path / "run", run)
-    for cell in run["order"]:
-        (store.cells_dir / f"{cell}.json").write_text('{"scenario": "a"}')
+    good, bad = run["order"][0], run["order"][1]
+    store.write_cell(good, {**GOOD_CELL, "cell": good}, [])
+    (store.cells_dir / f"{bad}.json").write_text('{"scenario": "a"}')
+    ran = []
+
+    def fake_cell(cell, **kw):
+        ran.append(cell.id)
+        return {**GOOD_CELL, "cell": cell.id, "repeat": cell.repeat}, []
+
+    monkeypatch.setattr(runner, "run_cell", fake_cell)
     reports: list[str] = []
     cells = runner.run_suite(store, accel_request="tcg", qemu="q", guest="g", report=reports.append)
-    assert cells == []
-    assert len(reports) == len(run["order"])
-    assert all(r.startswith("unreadable cell record: a-r") for r in reports)
+    assert reports == [
+        f"unreadable cell record {bad}.json: missing key 'repeat'; set aside as .invalid, "
+        "the cell runs again"
+    ]
+    assert ran == [c for c in run["order"] if c != good]  # the good one is not redone
+    assert sorted(c["cell"] for c in cells) == sorted(run["order"])
+    assert (store.cells_dir / f"{bad}.json.invalid").read_text() == '{"scenario": "a"}'
 
 
 @pytest.mark.parametrize(
