@@ -152,3 +152,12 @@ def test_run_refuses_a_results_directory_in_use(capsys, tmp_path, fake_image):
     (out / "something").write_text("x")
     code, err = run(capsys, "run", "--suite", "quick", "--accel", "tcg", "--out", str(out))
     assert code == 2 and "exists and is not empty; use --resume" in err
+
+
+def test_run_into_a_read_only_results_directory_is_one_line(capsys, tiny_fs, fake_image):
+    import subprocess
+
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
+    code, err = run(capsys, "run", "--suite", "quick", "--accel", "tcg", "--out", f"{tiny_fs}/r")
+    assert code == 2 and err.count("\n") == 1
+    assert "cannot write the run directory" in err and "Read-only file system" in err

@@ -154,23 +154,6 @@ def test_resume_refuses_a_run_whose_order_does_not_match_its_suite(tmp_path):
         runner.suite_of({"run_id": "x", "order": []})
 
 
-@pytest.fixture
-def tiny_fs(tmp_path):
-    """A 64 KiB tmpfs (needs root); unmounted afterwards."""
-    import os
-    import subprocess
-
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)])
-    if res.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=True)
-
-
 def test_disk_full_stops_the_run_cleanly_and_keeps_what_was_written(tiny_fs, monkeypatch):
     from dynamem import runner
 
