@@ -219,11 +219,13 @@ class VM:
     def _exit_reason(self) -> str:
         assert self._process is not None
         code = self._process.returncode
-        how = (
-            f"killed by {signal.Signals(-code).name}"
-            if code is not None and code < 0
-            else f"exited with status {code}"
-        )
+        if code is not None and code < 0:
+            try:
+                how = f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"killed by signal {-code}"
+        else:
+            how = f"exited with status {code}"
         tail = self._process.log_tail(2)
         return f"QEMU {how}" + (f": {tail}" if tail else "")
 
