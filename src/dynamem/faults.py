@@ -2,7 +2,8 @@
 
 A scenario may carry the hidden key `inject = "FAULT@WHERE"`. It is accepted only when the
 environment holds `DYNAMEM_FAULT_INJECTION=1` (the fault tests set it); otherwise it is an
-unknown key like any other, so a real suite can never inject anything by accident. The
+unknown key like any other, so a real suite can never inject anything by accident (and a
+run made with faults resumes only with the switch set, too). The
 runner asks the injector at two points of a cell: before the workload starts and before
 each measured step. `WHERE` is `step<K>` (the K-th measured step, from 0) or `workload`.
 
