@@ -1,6 +1,7 @@
 """The `dynamem` command line: one function per command, shared arguments in one place."""
 
 import argparse
+import math
 import signal
 import sys
 import time
@@ -30,6 +31,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected at least 1, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 < value < math.inf:  # also refuses nan, which would never time out
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
 
 
@@ -89,7 +100,7 @@ def _vm_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--ready-timeout",
-        type=float,
+        type=_seconds,
         default=180.0,
         help="seconds to wait for the guest to answer SSH (default: 180)",
     )
@@ -188,12 +199,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             guest=args.guest,
             report=lambda m: print(m, file=sys.stderr),
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(
             f"\ndynamem: interrupted; finish with: dynamem run --resume {store.directory}",
             file=sys.stderr,
         )
-        return 130
+        return _interrupted_status(exc)
     print(runner.format_table(runner.summary_rows(cells)))
     print(runner.overhead_summary(cells))
     print(f"results: {store.directory}")
@@ -514,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     _vm_options(p)
     p.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=300.0,
         help="seconds CMD may run in the guest (default: 300)",
     )
@@ -628,11 +639,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mechanism", required=True, help="balloon, dimm or virtio-mem")
     p.add_argument("--size", type=_size, default="256M")
     p.add_argument("--repeats", type=_positive_int, default=10)
-    p.add_argument("--poll-interval", type=float, default=0.002, help="seconds (default 0.002)")
+    p.add_argument("--poll-interval", type=_seconds, default=0.002, help="seconds (default 0.002)")
     p.set_defaults(func=cmd_bench_resize)
     p = bsub.add_parser("sampler", help="CPU cost of the in-guest sampler per sampling mode")
     _vm_options(p)
-    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--seconds", type=_seconds, default=10.0)
     p.set_defaults(func=cmd_bench_sampler)
     p = bsub.add_parser("build", help="guest build from the warm package cache, and a cache hit")
     p.add_argument("guest", nargs="?", default="minimal")
@@ -670,9 +681,16 @@ def _join_signed(argv: list[str]) -> list[str]:
     return out
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: unwinds like Ctrl-C so every `finally` stops its QEMU; exit status 143."""
+
+
 def _terminate(signum: int, frame: FrameType | None) -> None:
-    # SIGTERM unwinds like Ctrl-C so every `finally` stops its QEMU.
-    raise KeyboardInterrupt
+    raise Terminated
+
+
+def _interrupted_status(exc: KeyboardInterrupt) -> int:
+    return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -685,9 +703,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"dynamem: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("dynamem: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted_status(exc)
     except BrokenPipeError:  # e.g. `dynamem run --dry-run | head`
         sys.stderr.close()
         return 0

@@ -291,6 +291,7 @@ def _poll_host(
     period = int(interval_s * 1e9)
     next_poll = start
     while True:
+        vm.check_health()  # a dead QEMU or a guest that reset itself is no resize outcome
         progress = mech.poll(vm, req)
         now = time.monotonic_ns()
         poll_times.append(now)

@@ -2,9 +2,9 @@
 
 A cell is one repeat of one scenario on a fresh guest: boot, preparation (plug what the
 steps need), an unmeasured warm-up pass of the steps, the workload, then the measured
-steps. Whatever happens in a cell is recorded (failures with their reason and the guest
-console tail) and the run goes on; Ctrl-C stops the current guest and leaves a run that
-`--resume` finishes without redoing completed cells.
+steps. Whatever happens in a cell is recorded (failures with their reason, the phase they
+happened in and the guest console tail) and the run goes on; Ctrl-C or SIGTERM stops the
+current guest and leaves a run that `--resume` finishes without redoing completed cells.
 """
 
 import datetime
@@ -23,9 +23,11 @@ from typing import Any
 import numpy as np
 
 from dynamem import __version__
-from dynamem.errors import DynamemError
+from dynamem.errors import DynamemError, UserError
+from dynamem.faults import Injector
 from dynamem.launch import plan_vm
 from dynamem.paths import repo_root
+from dynamem.probes.guestmem import parse_vmstat
 from dynamem.qemu.machine import VM
 from dynamem.resize import ResizeResult, resize
 from dynamem.scenario import Scenario, Step, Suite, load_suite_text
@@ -129,7 +131,16 @@ def new_run(suite: Suite, seed: int, metadata: dict[str, Any]) -> dict[str, Any]
 
 
 def suite_of(run: dict[str, Any]) -> Suite:
-    return load_suite_text(run["suite"]["toml"], f"run {run['run_id']}")
+    try:
+        text, seed = run["suite"]["toml"], run["seed"]
+    except (KeyError, TypeError):
+        raise UserError(f"run {run['run_id']}: run.json holds no suite and seed") from None
+    suite = load_suite_text(text, f"run {run['run_id']}")
+    if not isinstance(seed, int) or {c.id for c in cells_in_order(suite, seed)} != set(
+        run["order"]
+    ):
+        raise UserError(f"run {run['run_id']}: run.json's order does not match its suite")
+    return suite
 
 
 def run_cell(
@@ -160,6 +171,8 @@ def run_cell(
     }
     series: list[dict[str, Any]] = []
     vm: VM | None = None
+    phase = "plan"  # where a failure happened, recorded with it
+    inject = Injector(s.inject)
     try:
         mech = s.mechanism_object()
         mplan = s.memory_plan(mech)
@@ -171,28 +184,41 @@ def run_cell(
         )  # fmt: skip
         vm = VM(plan.config)
         with vm:
+            phase = "boot"
             vm.start()
             timings["boot"] = time.monotonic() - t0
             record["context"] = context_of(plan, vm, mplan)
+            phase = "preparation"
             _, timings["preparation"], timings["warmup"] = prepare(
                 vm, mech, mplan, warmup=s.warmup, deadline_s=s.deadline
             )
+            phase = "workload start"
             workload = make_workload(s.workload, s.workload_size)
-            timings["workload_start"] = workload.start(vm)
+            inject.before_workload(vm)
+            timings["workload_start"] = workload.start(vm, timeout=s.deadline)
             results: list[ResizeResult] = []
             t = time.monotonic()
-            for step in s.steps:
+            for k, step in enumerate(s.steps):
+                phase = f"step {k} ({step})"
+                inject.before_step(k, vm, mech)
                 if step.kind != "resize":
                     extra = _other_step(vm, mech, workload, step)
                     extra, arrays = split_series(extra)
                     record["steps"].append({"step": str(step), **extra})
                     series.append(arrays)
-                    continue
-                r = resize(vm, mech, step.delta, deadline_s=s.deadline)
-                results.append(r)
-                record["steps"].append({"step": str(step), "kind": "resize", **r.to_dict()})
-                series.append({"t_request_ns": np.int64(r.t_request_ns or 0), **r.series})
+                else:
+                    r = resize(vm, mech, step.delta, deadline_s=s.deadline)
+                    results.append(r)
+                    record["steps"].append({"step": str(step), "kind": "resize", **r.to_dict()})
+                    series.append({"t_request_ns": np.int64(r.t_request_ns or 0), **r.series})
+                vm.check_health()
             timings["steps"] = time.monotonic() - t
+            phase = "workload stop"
+            if not any(step.kind == "oom" for step in s.steps) and not workload.alive(vm):
+                raise WorkloadDied(
+                    f"workload {s.workload} died during the steps (guest OOM kills so far: "
+                    f"{_oom_kills(vm)})"
+                )
             log = workload.stop(vm)
             if isinstance(workload, Impact) and log:
                 _add_impact(vm, log, record, results)
@@ -200,16 +226,32 @@ def run_cell(
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # noqa: BLE001 - every failure is a recorded outcome
-        record["error"] = (
-            f"{type(exc).__name__}: {exc}" if not isinstance(exc, DynamemError) else str(exc)
-        )
+        message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, DynamemError) else str(exc)
+        reason = vm.diagnosis if vm is not None else None
+        record["failed_at"] = phase
+        known = reason is None or reason in message
+        record["error"] = f"{phase}: " + (message if known else f"{reason}; {message}")
         if vm is not None:
             record["console_tail"] = vm.console()[-3000:]
+    if inject.fault is not None:
+        record["injected"] = {"fault": str(inject.fault), "fired": inject.fired}
     timings["total"] = time.monotonic() - t0
     timings["overhead"] = timings["total"] - sum(
         timings[k] for k in ("boot", "preparation", "warmup", "workload_start", "steps")
     )
     return record, series
+
+
+class WorkloadDied(DynamemError):
+    """The workload's processes are gone before the steps ended (e.g. the OOM killer)."""
+
+
+def _oom_kills(vm: VM) -> int | str:
+    try:
+        vmstat = vm.sampler.snapshot(["/proc/vmstat"])["/proc/vmstat"]
+    except DynamemError:
+        return "unknown"
+    return parse_vmstat(vmstat).get("oom_kill", 0)
 
 
 def _other_step(vm: VM, mech: Any, workload: Any, step: Step) -> dict[str, Any]:
@@ -284,6 +326,8 @@ def run_suite(
     """Run every cell of the store's run not yet completed; returns all cell records."""
     run = store.run
     suite = suite_of(run)
+    for problem in store.set_aside_invalid():
+        report(f"unreadable cell record {problem}; set aside as .invalid, the cell runs again")
     by_id = {c.id: c for c in cells_in_order(suite, run["seed"])}
     todo = [by_id[i] for i in run["order"] if i not in store.completed()]
     progress = Progress(len(run["order"]), sum(estimate_cell_s(c.scenario) for c in todo))

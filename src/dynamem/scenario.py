@@ -5,17 +5,18 @@ A suite file holds `name`, `description`, `repeats`, `seed`, a `[defaults]` tabl
 ("shrink 256M", "grow 1G", "settle 5s"); any scenario key may be set in `[defaults]`.
 """
 
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from dynamem import mechanisms
+from dynamem import faults, mechanisms
 from dynamem.errors import UserError
 from dynamem.mechanisms import Mechanism, MemoryPlan
 from dynamem.qemu.config import ONLINE_STATES, SWAP_KINDS
-from dynamem.units import parse_size
+from dynamem.units import format_size, parse_size
 
 WORKLOADS = ("idle", "stress", "pagecache", "impact")
 _STEP = re.compile(
@@ -46,9 +47,17 @@ SCENARIO_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "steps": (list, 'e.g. ["shrink 256M", "settle 2s", "grow 256M"]'),
     "warmup": (bool, "do the steps once, unmeasured, before measuring"),
     "repeats": (int, "cells (fresh guests) per scenario"),
-    "deadline": ((int, float), "seconds each step may take"),
+    "deadline": ((int, float), "seconds each step (and the workload's start) may take"),
+}
+# Only with DYNAMEM_FAULT_INJECTION=1, for the harness's own tests (see dynamem.faults).
+HIDDEN_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "inject": (str, "a fault to inject, e.g. qemu-kill@step0"),
 }
 SUITE_KEYS = {"name", "description", "repeats", "seed", "defaults", "scenario"}
+# Names become file and directory names (cells/<name>-r1.json, results/raw/<stamp>-<name>).
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# A kernel argument is one word of the guest's command line: no spaces, quotes or controls.
+KERNEL_ARG = re.compile(r"^[A-Za-z0-9_.,:=/+@%-]+$")
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,7 @@ class Scenario:
     warmup: bool = True
     repeats: int = 5
     deadline: float = 120.0
+    inject: faults.Fault | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -154,10 +164,11 @@ def _size_or_pct(text: str, memory: int, where: str) -> int:
 
 
 def build_scenario(data: dict[str, Any], where: str) -> Scenario:
+    known = {**SCENARIO_KEYS, **HIDDEN_KEYS} if faults.enabled() else SCENARIO_KEYS
     for key, value in data.items():
-        if key not in SCENARIO_KEYS:
+        if key not in known:
             raise UserError(f"{where}: unknown key {key!r} (known: {', '.join(SCENARIO_KEYS)})")
-        expected, what = SCENARIO_KEYS[key]
+        expected, what = known[key]
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             raise UserError(
                 f"{where}: {key} must be {_type_name(expected)} ({what}), got {value!r}"
@@ -165,7 +176,18 @@ def build_scenario(data: dict[str, Any], where: str) -> Scenario:
     for key in ("name", "mechanism", "steps"):
         if key not in data:
             raise UserError(f"{where}: missing required key {key!r}")
+    if not NAME.match(data["name"]):
+        raise UserError(
+            f"{where}: name {data['name']!r} must be 1-64 letters, digits, '.', '_' or '-' "
+            "(it names the result files)"
+        )
     where = f"{where} ({data['name']})"
+    for arg in data.get("kernel_args", ()):
+        if not isinstance(arg, str) or not KERNEL_ARG.match(arg):
+            raise UserError(
+                f"{where}: kernel argument {arg!r} must be one word of letters, digits and "
+                "_.,:=/+@%-"
+            )
     if data["mechanism"] not in mechanisms.NAMES:
         raise UserError(
             f"{where}: unknown mechanism {data['mechanism']!r} "
@@ -198,6 +220,8 @@ def build_scenario(data: dict[str, Any], where: str) -> Scenario:
     for key in ("repeats", "cpus"):
         if key in data and data[key] < 1:
             raise UserError(f"{where}: {key} must be at least 1")
+    if "deadline" in data and not 0 < data["deadline"] < math.inf:
+        raise UserError(f"{where}: deadline must be a positive number of seconds")
     scenario = Scenario(
         name=data["name"],
         mechanism=data["mechanism"],
@@ -221,8 +245,16 @@ def build_scenario(data: dict[str, Any], where: str) -> Scenario:
         warmup=data.get("warmup", True),
         repeats=data.get("repeats", 5),
         deadline=float(data.get("deadline", 120.0)),
+        inject=faults.parse(data["inject"], len(steps), data["mechanism"])
+        if "inject" in data
+        else None,
         raw=dict(data),
     )
+    if workload in ("stress", "impact") and scenario.workload_size >= memory:
+        raise UserError(
+            f"{where}: workload_size {format_size(scenario.workload_size)} is not below the "
+            f"guest's memory {format_size(memory)}: it could never become resident"
+        )
     try:
         mech = scenario.mechanism_object()
         scenario.memory_plan(mech)
@@ -258,6 +290,11 @@ def load_suite_text(text: str, source: str) -> Suite:
         raise UserError(f"{source}: repeats must be a positive integer")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise UserError(f"{source}: seed must be an integer")
+    if "name" in data and (not isinstance(data["name"], str) or not NAME.match(data["name"])):
+        raise UserError(
+            f"{source}: suite name {data['name']!r} must be 1-64 letters, digits, '.', '_' "
+            "or '-' (it names the run directory)"
+        )
     scenarios = []
     names = set()
     for i, entry in enumerate(entries):

@@ -15,7 +15,9 @@ Layout of `results/raw/<run-id>/` (format version 1):
   host monotonic clock in ns; `t_request_ns` is the request).
 
 Every file is written to a temporary name, fsynced and renamed, so a crash never leaves a
-half-written file; a cell's JSON is written last and marks the cell complete.
+half-written file; a cell's JSON is written last and marks the cell complete. A cell JSON
+that fails validation is reported; on resume it is set aside as `<cell>.json.invalid` and
+the cell runs again.
 """
 
 import io
@@ -32,12 +34,18 @@ FORMAT_VERSION = 1
 
 
 def atomic_write(path: Path, data: bytes) -> None:
+    """Temporary file, fsync, rename, fsync the directory; on failure (e.g. disk full)
+    the temporary is removed and the old file, if any, is untouched."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -57,6 +65,38 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+RUN_KEYS = {"format", "run_id", "order"}  # what every reader needs (resume: suite, seed too)
+STATUSES = ("ok", "failed")
+
+
+def validate_cell(record: Any, cell_id: str) -> None:
+    """ValueError naming the first thing wrong with a cell record (what every reader of the
+    store relies on: report, summary, resume)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"not a JSON object but {type(record).__name__}")
+    expected: dict[str, type] = {
+        "scenario": str,
+        "repeat": int,
+        "status": str,
+        "error": str,
+        "steps": list,
+        "timings": dict,
+    }
+    for key, kind in expected.items():
+        if key not in record:
+            raise ValueError(f"missing key {key!r}")
+        if not isinstance(record[key], kind) or isinstance(record[key], bool):
+            raise ValueError(f"{key} is {type(record[key]).__name__}, expected {kind.__name__}")
+    if record["status"] not in STATUSES:
+        raise ValueError(f"status {record['status']!r} is not one of {', '.join(STATUSES)}")
+    if record.get("cell", cell_id) != cell_id:
+        raise ValueError(f"record of cell {record['cell']!r} in the file of {cell_id!r}")
+    if not all(isinstance(step, dict) and "kind" in step for step in record["steps"]):
+        raise ValueError("a step is not an object with a kind")
+    if not all(isinstance(v, int | float) for v in record["timings"].values()):
+        raise ValueError("timings must be numbers")
 
 
 class RunStore:
@@ -88,10 +128,14 @@ class RunStore:
             raise UserError(f"{directory} is not a dynamem run (no run.json)") from None
         except ValueError as exc:
             raise UserError(f"{path} is corrupt: {exc}") from exc
-        if run.get("format") != FORMAT_VERSION:
+        if not isinstance(run, dict) or run.get("format") != FORMAT_VERSION:
+            found = run.get("format") if isinstance(run, dict) else None
             raise UserError(
-                f"{path}: results format {run.get('format')!r}; this dynamem reads {FORMAT_VERSION}"
+                f"{path}: results format {found!r}; this dynamem reads {FORMAT_VERSION}"
             )
+        missing = sorted(RUN_KEYS - set(run))
+        if missing:
+            raise UserError(f"{path} is corrupt: no {', '.join(missing)}")
         return cls(directory, run)
 
     def completed(self) -> set[str]:
@@ -109,7 +153,10 @@ class RunStore:
                     atomic_write(self.cells_dir / f"{cell_id}.step{k}.npz", buf.getvalue())
             atomic_write(self.cells_dir / f"{cell_id}.json", _json(record))
         except OSError as exc:
-            raise UserError(f"cannot write results for {cell_id}: {exc}") from exc
+            raise UserError(
+                f"cannot write results for {cell_id}: {exc}; the cells written so far are kept "
+                f"(then: dynamem run --resume {self.directory})"
+            ) from exc
 
     def load_cells(self) -> tuple[list[dict[str, Any]], list[str]]:
         """(valid cell records, problems): a record that fails to load is reported."""
@@ -117,12 +164,24 @@ class RunStore:
         for path in sorted(self.cells_dir.glob("*.json")):
             try:
                 record = json.loads(path.read_text())
-                if not {"scenario", "repeat", "status", "steps"} <= set(record):
-                    raise ValueError("missing keys")
+                validate_cell(record, path.stem)
                 cells.append(record)
             except (OSError, ValueError) as exc:
                 problems.append(f"{path.name}: {exc}")
         return cells, problems
+
+    def set_aside_invalid(self) -> list[str]:
+        """Rename each cell record that fails validation to `<cell>.json.invalid` (kept as
+        evidence), so the cell counts as not done and a resume runs it again; returns the
+        problems, for the caller to report."""
+        problems = []
+        for path in sorted(self.cells_dir.glob("*.json")):
+            try:
+                validate_cell(json.loads(path.read_text()), path.stem)
+            except (OSError, ValueError) as exc:
+                problems.append(f"{path.name}: {exc}")
+                os.replace(path, path.with_name(path.name + ".invalid"))
+        return problems
 
     def load_series(self, cell_id: str, step: int) -> dict[str, np.ndarray]:
         with np.load(self.cells_dir / f"{cell_id}.step{step}.npz") as data:

@@ -16,6 +16,7 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNOREC
 
 MiB = 1 << 20
 GiB = 1 << 30
+MAX_SIZE = 1 << 50  # 1 PiB: no guest, disk or step here is larger
 
 
 def parse_size(text: str, *, what: str = "size", allow_zero: bool = False) -> int:
@@ -25,6 +26,8 @@ def parse_size(text: str, *, what: str = "size", allow_zero: bool = False) -> in
         raise UserError(f"malformed {what} {text!r}: expected e.g. 512M, 1G, 1.5GiB or bytes")
     number, unit = match.groups()
     value = float(number) * _UNITS[unit.upper()]
+    if value > MAX_SIZE:  # also inf, from a number too long for a float
+        raise UserError(f"{what} {text!r} is above {format_size(MAX_SIZE)}")
     if value != int(value):
         raise UserError(f"{what} {text!r} is not a whole number of bytes")
     size = int(value)

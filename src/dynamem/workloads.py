@@ -63,16 +63,30 @@ class Stress:
             return {}
         pid, self.pid = self.pid, None
         # stress's parent forwards SIGTERM to its workers; wait until none is left.
+        # SIGCONT too: a stopped (frozen) stress would never act on the SIGTERM; SIGKILL
+        # after 5 s if it still does not go.
         vm.run(
             [
                 "sh",
                 "-c",
-                f"kill {pid} 2>/dev/null; while pidof stress >/dev/null; do usleep 20000; done",
+                f"kill {pid} 2>/dev/null; killall -CONT stress 2>/dev/null; n=0; "
+                "while pidof stress >/dev/null; do n=$((n + 1)); "
+                '[ "$n" -gt 250 ] && killall -KILL stress 2>/dev/null; usleep 20000; done',
             ],
             timeout=60,
             check=False,
         )
         return {}
+
+    def alive(self, vm: "VM") -> bool:
+        """The parent and its worker both still run (the OOM killer takes the worker)."""
+        if self.pid is None:
+            return False
+        return len(vm.run(["pidof", "stress"], timeout=10, check=False).stdout.split()) >= 2
+
+
+def _pid_alive(vm: "VM", pid: int | None) -> bool:
+    return pid is not None and vm.run(["kill", "-0", str(pid)], timeout=10, check=False).ok
 
 
 class Idle:
@@ -81,6 +95,9 @@ class Idle:
 
     def start(self, vm: "VM", timeout: float = 300.0) -> float:
         return 0.0
+
+    def alive(self, vm: "VM") -> bool:
+        return True
 
     def stop(self, vm: "VM") -> dict[str, Any]:
         return {}
@@ -130,6 +147,9 @@ class PageCache:
             self.pid = None
         return {}
 
+    def alive(self, vm: "VM") -> bool:
+        return _pid_alive(vm, self.pid)
+
 
 class Impact:
     """dynamem-impact: keeps touching a working set and logs its progress every 10 ms."""
@@ -153,6 +173,9 @@ class Impact:
                 raise DeadlineExceeded(f"the impact probe was not ready within {timeout:g} s")
             time.sleep(0.2)
         return time.monotonic() - start
+
+    def alive(self, vm: "VM") -> bool:
+        return _pid_alive(vm, self.pid)
 
     def stop(self, vm: "VM") -> dict[str, Any]:
         if self.pid is not None:

@@ -71,3 +71,18 @@ def test_a_guest_with_another_host_key_is_rejected(booted, tmp_path):
     with pytest.raises(GuestCommandError, match="SSH to the guest"):
         shell.open()
     shell.close()
+
+
+def test_hostile_words_reach_the_guest_as_inert_data(booted):
+    words = [
+        "$(touch /tmp/pwned)",
+        "`touch /tmp/pwned`",
+        "; touch /tmp/pwned",
+        "&& touch /tmp/pwned",
+        "a'b\"c",
+        "x\ny",
+        "*",
+    ]
+    for word in words:
+        assert booted.run(["printf", "%s", word]).stdout == word
+    assert not booted.run(["test", "-e", "/tmp/pwned"], check=False).ok

@@ -116,6 +116,8 @@ def test_unusable_kvm_is_refused_cleanly(image, plan, run_base):
     res = cli("vm", "exec", "--accel", "kvm", "--", "true")
     assert res.returncode == 2
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("dynamem: error: ")
+    assert "--accel kvm requested but" in res.stderr
+    assert not run_base.exists()  # refused before any QEMU was started
 
 
 def test_doctor_explains_the_accelerator(image):

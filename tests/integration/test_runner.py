@@ -1,5 +1,5 @@
 """`dynamem run` end to end on real guests: a complete run directory, and --resume after
-an interrupted run finishes it without redoing completed cells."""
+a run interrupted by SIGINT or SIGTERM finishes it without redoing completed cells."""
 
 import json
 import signal
@@ -61,7 +61,8 @@ def test_a_run_directory_is_complete(image, run_base, tmp_path):
     assert "vmem" in res.stdout and "unsupported" not in res.stderr
 
 
-def test_interrupted_run_resumes_without_redoing_cells(image, run_base, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_run_resumes_without_redoing_cells(image, run_base, tmp_path, sig):
     suite = tmp_path / "tiny.toml"
     suite.write_text(TINY.format(repeats=2))
     out = tmp_path / "run"
@@ -80,12 +81,12 @@ def test_interrupted_run_resumes_without_redoing_cells(image, run_base, tmp_path
             time.sleep(0.2)
         assert done, "no cell finished"
         time.sleep(2)  # into the next cell's boot
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + sig, err  # 130 for Ctrl-C, 143 for SIGTERM
     assert f"dynamem run --resume {out}" in err
     assert qemu_pids_mentioning(str(run_base)) == []
     finished = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}

@@ -3,7 +3,13 @@
 from typing import TYPE_CHECKING, Any
 
 from dynamem.errors import UserError
-from dynamem.mechanisms.base import CapabilityLimit, Mechanism, MemoryPlan, Request
+from dynamem.mechanisms.base import (
+    CapabilityLimit,
+    Mechanism,
+    MemoryPlan,
+    Request,
+    check_sizes,
+)
 from dynamem.units import format_size
 
 if TYPE_CHECKING:
@@ -40,6 +46,7 @@ class Balloon(Mechanism):
         *,
         strict: bool = True,
     ) -> MemoryPlan:
+        check_sizes(before, deltas, boot, maxmem)
         boot = before if boot is None else boot
         for delta in deltas:
             self.check_aligned(delta, "resize")

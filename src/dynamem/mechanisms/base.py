@@ -166,6 +166,7 @@ class Mechanism(abc.ABC):
     ) -> tuple[int, int]:
         """(boot, capacity) for a mechanism that can only remove what it plugged: boot at the
         lowest point of the path, room for the highest (or up to `maxmem`)."""
+        check_sizes(before, deltas, boot, maxmem)
         path = MemoryPlan(boot=0, before=before, deltas=deltas, capacity=0).path
         low, high = min(path), max(path)
         boot = low if boot is None else boot
@@ -193,3 +194,15 @@ class Mechanism(abc.ABC):
                 f"{what} {format_size(abs(size))} is not a multiple of the {self.label} "
                 f"granularity {format_size(self.granularity)}"
             )
+
+
+def check_sizes(before: int, deltas: tuple[int, ...], boot: int | None, maxmem: int | None) -> None:
+    """What every plan needs: a guest to start from, steps that change something, and
+    positive bounds (the CLI and suites refuse these earlier; this holds for any caller)."""
+    if before <= 0:
+        raise UserError(f"the guest's memory must be greater than zero, got {before}")
+    if not deltas or 0 in deltas:
+        raise UserError("every resize step must change the size (a zero step is not a step)")
+    for what, value in (("boot memory", boot), ("maxmem", maxmem)):
+        if value is not None and value <= 0:
+            raise UserError(f"{what} must be greater than zero, got {value}")

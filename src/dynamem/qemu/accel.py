@@ -97,28 +97,42 @@ def _probe_key(qemu: str, kernel: Path) -> str:
 def choose(
     requested: str | None, qemu: str, kernel: Path | None, *, reprobe: bool = False
 ) -> AccelChoice:
-    """The accelerator to use and why; `requested` ('kvm'/'tcg'/None for auto) wins if usable."""
+    """The accelerator to use and why; `requested` ('kvm'/'tcg'/None for auto) wins if usable.
+
+    An explicit `kvm` is probed like `auto` (a KVM that cannot boot the guest kernel is
+    refused in one line before anything starts) instead of failing inside QEMU later.
+    """
     if requested not in (None, "auto", "kvm", "tcg"):
         raise UserError(f"unknown accelerator {requested!r} (choose from auto, kvm, tcg)")
     if requested == "tcg":
         return AccelChoice("tcg", "requested with --accel tcg")
     kvm_ok = os.access("/dev/kvm", os.R_OK | os.W_OK)
-    if requested == "kvm":
-        if not kvm_ok:
-            raise UserError("--accel kvm requested but /dev/kvm is missing or not accessible")
-        return AccelChoice("kvm", "requested with --accel kvm")
+    if requested == "kvm" and not kvm_ok:
+        raise UserError("--accel kvm requested but /dev/kvm is missing or not accessible")
     if not kvm_ok:
         return AccelChoice("tcg", "/dev/kvm is missing or not accessible")
     modules = ", ".join(_kvm_modules()) or "no kvm vendor module"
     if kernel is None:
+        if requested == "kvm":
+            return AccelChoice("kvm", "requested with --accel kvm (not probed: no guest kernel)")
         return AccelChoice("tcg", f"/dev/kvm present ({modules}) but no guest kernel to probe with")
+    ok, reason = _probe_cached(qemu, kernel, modules, reprobe)
+    if requested == "kvm":
+        if not ok:
+            raise UserError(f"--accel kvm requested but KVM cannot boot the guest here: {reason}")
+        return AccelChoice("kvm", f"requested with --accel kvm; {reason}")
+    return AccelChoice("kvm" if ok else "tcg", reason)
+
+
+def _probe_cached(qemu: str, kernel: Path, modules: str, reprobe: bool) -> tuple[bool, str]:
+    """(KVM boots the kernel, why), from the per-host-boot cache or a fresh probe."""
     cache = cache_dir() / "accel-probe.json"
     key = _probe_key(qemu, kernel)
     if not reprobe and cache.exists():
         try:
             saved = json.loads(cache.read_text())
             if saved.get("key") == key:
-                return AccelChoice(saved["accel"], saved["reason"] + " (cached for this host boot)")
+                return saved["accel"] == "kvm", saved["reason"] + " (cached for this host boot)"
         except (ValueError, KeyError):
             pass
     ok, detail = probe_boot(qemu, kernel)
@@ -127,7 +141,7 @@ def choose(
     tmp = cache.with_suffix(".tmp")
     tmp.write_text(json.dumps({"key": key, **asdict(choice)}))
     tmp.replace(cache)
-    return choice
+    return ok, choice.reason
 
 
 def qemu_version(qemu: str) -> tuple[int, int, int]:
@@ -136,6 +150,8 @@ def qemu_version(qemu: str) -> tuple[int, int, int]:
         out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=30).stdout
     except FileNotFoundError as exc:
         raise UserError(f"{qemu} not found: apt-get install qemu-system-x86") from exc
+    except (OSError, subprocess.SubprocessError) as exc:  # not executable, hangs...
+        raise UserError(f"cannot run {qemu} --version: {exc}") from exc
     match = re.search(r"version (\d+)\.(\d+)\.(\d+)", out)
     if not match:
         raise UserError(f"cannot read the QEMU version from {qemu} --version")

@@ -9,6 +9,7 @@ import contextlib
 import enum
 import re
 import shutil
+import signal
 import socket
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from dynamem.keys import make_keypair
 from dynamem.paths import make_run_dir
 from dynamem.qemu.config import RunFiles, VMConfig, build_argv
 from dynamem.qemu.monitor import Monitor
-from dynamem.qemu.process import QemuProcess
+from dynamem.qemu.process import QemuProcess, pid_state
 from dynamem.ssh import CommandResult, GuestShell
 
 READY = re.compile(r"^dynamem-ready: (\S+) ([\d.]+)", re.MULTILINE)
@@ -58,6 +59,8 @@ class VM:
         self._host_key = ""
         self._failed = False
         self._console_offset = 0  # console text before this offset belongs to earlier boots
+        self._resets: Any = None  # QMP listener for resets the harness did not ask for
+        self.diagnosis: str | None = None  # what was wrong with QEMU/the guest on failure
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -72,6 +75,7 @@ class VM:
     ) -> None:
         if exc is not None:
             self._failed = True
+            self.diagnosis = self.failure_reason()  # before shutdown kills QEMU
         self.shutdown()
 
     @property
@@ -89,6 +93,7 @@ class VM:
             self.timings["ssh"] = time.monotonic() - self.timings["t0"]
         except BaseException:
             self._failed = True
+            self.diagnosis = self.failure_reason()
             self.shutdown()
             raise
         return self
@@ -133,7 +138,8 @@ class VM:
                     continue
                 raise VMError(f"{exc}: {tail or 'no output'} (run dir {self.run_dir})") from exc
         self.timings["qmp"] = time.monotonic() - self.timings["t0"]
-        assert self.files is not None
+        assert self.files is not None and self._monitor is not None
+        self._resets = self._monitor.listen(["RESET", "SHUTDOWN", "GUEST_PANICKED"])
         self._shell = GuestShell(self.files.ssh_port, client.private, self._host_key)
 
     def wait_ready(self, timeout: float) -> None:
@@ -177,7 +183,55 @@ class VM:
         self.qmp("system_reset")
         self.wait_ready(timeout)
         self.shell.open()
+        if self._resets is not None:
+            self.monitor.drain(self._resets)  # the reset asked for
         return time.monotonic() - start
+
+    # -- health ----------------------------------------------------------------------------------
+
+    def check_health(self) -> None:
+        """Raise VMError if QEMU has exited or the guest reset itself (e.g. a kernel panic
+        with panic=-1) since the last check. Cheap enough to call in a polling loop."""
+        if self._process is None or self.state is not State.RUNNING:
+            raise VMError("the VM is not running")
+        if not self._process.alive():
+            raise VMError(self._exit_reason())
+        if self._resets is not None and self._monitor is not None and not self._resets.empty():
+            events = [str(e["event"]) for e in self._monitor.drain(self._resets)]
+            panic = self._panic_line()
+            raise VMError(
+                (f"guest kernel panic: {panic}; " if panic else "")
+                + f"the guest reset itself ({', '.join(events)})"
+            )
+
+    def failure_reason(self) -> str | None:
+        """After something failed: what is wrong with QEMU or the guest, if anything."""
+        if self._process is None:
+            return None
+        if not self._process.alive():
+            return self._exit_reason()
+        if pid_state(self._process.pid) == "T":
+            return f"QEMU pid {self._process.pid} is stopped (SIGSTOP) and does not answer"
+        if panic := self._panic_line():
+            return f"guest kernel panic: {panic}"
+        return None
+
+    def _exit_reason(self) -> str:
+        assert self._process is not None
+        code = self._process.returncode
+        if code is not None and code < 0:
+            try:
+                how = f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"killed by signal {-code}"
+        else:
+            how = f"exited with status {code}"
+        tail = self._process.log_tail(2)
+        return f"QEMU {how}" + (f": {tail}" if tail else "")
+
+    def _panic_line(self) -> str | None:
+        match = PANIC.search(self.console()[self._console_offset :])
+        return match.group(1).strip() if match else None
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop QEMU (quit, then SIGKILL by PID) and verify it is gone. Idempotent."""
@@ -189,13 +243,15 @@ class VM:
                 self._shell.close()
             if self._sampler is not None:
                 self._sampler.close()
+            asked = False
             if self._monitor is not None:
                 if self._process is not None and self._process.alive():
-                    # Not answering or already gone: SIGKILL below.
-                    with contextlib.suppress(VMError):
+                    # Not answering (stopped, hung) or already gone: SIGKILL below.
+                    with contextlib.suppress(VMError, DeadlineExceeded):
                         self._monitor.cmd("quit", timeout=3.0)
+                        asked = True
                 self._monitor.close()
-            if self._process is not None:
+            if self._process is not None and asked:
                 self._process.wait(timeout)
         finally:
             if self._process is not None:

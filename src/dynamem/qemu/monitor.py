@@ -81,6 +81,8 @@ class Monitor:
             return self.run(self._client.execute(command, args), timeout, f"QMP {command}")
         except ExecuteError as exc:
             raise QMPCommandError(command, exc.error_class, exc.error.error.desc) from exc
+        except QMPError as exc:  # the connection is gone (QEMU exited or hung up)
+            raise VMError(f"QMP {command}: connection to QEMU lost ({type(exc).__name__})") from exc
 
     def listen(self, names: list[str]) -> EventListener:
         """Start queueing these events (they arrive while any QMP command runs)."""

@@ -18,14 +18,18 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def pid_alive(pid: int) -> bool:
-    """True while `pid` exists and is not a zombie."""
+def pid_state(pid: int) -> str | None:
+    """The state letter of /proc/PID/stat (R, S, T for stopped, Z...), None if gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
+            return f.read().rsplit(")", 1)[1].split()[0]
     except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state not in ("Z", "X")
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    return pid_state(pid) not in (None, "Z", "X")
 
 
 class QemuProcess:
