@@ -55,6 +55,7 @@ class ShrinkLatency(_Resize):
     def track_shrink_latency(
         self, cache: _data.Cache, mechanism: str, size: str, workload: str
     ) -> float:
+        """Guest-visible latency of a shrink: from the request until the guest sees it."""
         return self.value(cache, mechanism, size, workload)
 
 
@@ -65,6 +66,7 @@ class GrowLatency(_Resize):
     def track_grow_latency(
         self, cache: _data.Cache, mechanism: str, size: str, workload: str
     ) -> float:
+        """Guest-visible latency of a grow: from the request until the guest sees it."""
         return self.value(cache, mechanism, size, workload)
 
 
@@ -75,6 +77,8 @@ class ShrinkRssChange(_Resize):
     def track_shrink_rss_change(
         self, cache: _data.Cache, mechanism: str, size: str, workload: str
     ) -> float:
+        """QEMU's RSS change after a shrink, in MiB: minus the host RSS reclaimed, so
+        lower (more memory given back to the host) is better."""
         return self.value(cache, mechanism, size, workload)
 
 
@@ -85,6 +89,7 @@ class ShrinkSwapOut(_Resize):
     def track_shrink_swap_out(
         self, cache: _data.Cache, mechanism: str, size: str, workload: str
     ) -> float:
+        """Pages the guest swapped out during a shrink."""
         return self.value(cache, mechanism, size, workload)
 
 
@@ -95,6 +100,7 @@ class ShrinkPagesMigrated(_Resize):
     def track_shrink_pages_migrated(
         self, cache: _data.Cache, mechanism: str, size: str, workload: str
     ) -> float:
+        """Pages the guest migrated during a shrink (to empty the memory it gives up)."""
         return self.value(cache, mechanism, size, workload)
 
 
@@ -105,6 +111,8 @@ class ShrinkFragmentation(_Resize):
     def track_shrink_fragmentation(
         self, cache: _data.Cache, mechanism: str, size: str, workload: str
     ) -> float:
+        """Change of the unusable free space index at order 9 (2 MiB) of the guest's
+        main zone during a shrink; 0 is none, 1 is all free memory unusable."""
         return self.value(cache, mechanism, size, workload)
 
 
@@ -115,6 +123,8 @@ class ShrinkWatermark(_Resize):
     def track_shrink_watermark(
         self, cache: _data.Cache, mechanism: str, size: str, workload: str
     ) -> float:
+        """Change of the guest zones' high watermarks during a shrink, summed (KiB).
+        Either direction matters; asv flags only increases, so read the graph."""
         return self.value(cache, mechanism, size, workload)
 
 
@@ -125,6 +135,8 @@ class ShrinkWorkloadStall(_Resize):
     def track_shrink_workload_stall(
         self, cache: _data.Cache, mechanism: str, size: str, workload: str
     ) -> float:
+        """The workload's longest stall during a shrink (the `impact` workload
+        only: n/a for the others)."""
         return self.value(cache, mechanism, size, workload)
 
 
@@ -134,6 +146,7 @@ class Failures(_Resize):
     unit = "share of cells"
 
     def track_failed_share(self, cache: _data.Cache, mechanism: str, workload: str) -> float:
+        """Share of the cells that failed or had a resize whose outcome was not ok."""
         return _data.failure_share(cache, _GRID, mechanism, workload)
 
-    track_failed_share.pretty_name = "Cells that failed or had a resize not ok"  # type: ignore[attr-defined]
+    track_failed_share.pretty_name = "Cells failed or not ok"  # type: ignore[attr-defined]

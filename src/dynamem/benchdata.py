@@ -51,38 +51,21 @@ class Track:
 
 
 TRACKS: dict[str, Track] = {
-    "shrink_latency": Track(
-        "latency_guest_s", "shrink", "Shrink: guest-visible latency", "seconds"
-    ),
-    "grow_latency": Track("latency_guest_s", "grow", "Grow: guest-visible latency", "seconds"),
+    "shrink_latency": Track("latency_guest_s", "shrink", "Shrink latency", "seconds"),
+    "grow_latency": Track("latency_guest_s", "grow", "Grow latency", "seconds"),
     "shrink_rss_change": Track(
-        "rss_reclaimed_mib",
-        "shrink",
-        "Shrink: QEMU RSS change (minus the host RSS reclaimed; lower is better)",
-        "MiB",
-        sign=-1.0,
+        "rss_reclaimed_mib", "shrink", "Shrink: QEMU RSS change", "MiB", sign=-1.0
     ),
     "shrink_swap_out": Track("swap_out_pages", "shrink", "Shrink: guest swap-out", "pages"),
-    "shrink_pages_migrated": Track(
-        "pages_migrated", "shrink", "Shrink: guest pages migrated", "pages"
-    ),
+    "shrink_pages_migrated": Track("pages_migrated", "shrink", "Shrink: pages migrated", "pages"),
     "shrink_fragmentation": Track(
-        "unusable_order9_change",
-        "shrink",
-        "Shrink: change of the unusable free space index, order 9 (main zone)",
-        "index",
+        "unusable_order9_change", "shrink", "Shrink: fragmentation change", "index"
     ),
     "shrink_watermark": Track(
-        "watermark_high_change_kib",
-        "shrink",
-        "Shrink: change of the zones' high watermarks (either direction matters)",
-        "KiB",
+        "watermark_high_change_kib", "shrink", "Shrink: high watermark change", "KiB"
     ),
     "shrink_workload_stall": Track(
-        "workload_longest_stall_ms",
-        "shrink",
-        "Shrink: the workload's longest stall (impact workload)",
-        "ms",
+        "workload_longest_stall_ms", "shrink", "Shrink: workload's longest stall", "ms"
     ),
 }
 
