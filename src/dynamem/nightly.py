@@ -18,9 +18,12 @@ DYNAMEM_ASV_RAW pointing at the run, so asv reads it instead of booting the suit
 (5) `asv publish` into `results/html/`.
 """
 
+import base64
+import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -202,6 +205,63 @@ def asv(*args: str, config: Path, env: dict[str, str] | None = None) -> int:
     ).returncode
 
 
+# asv 0.6's index.html loads these from CDNs; bench/www/ has them (see its README).
+VENDOR = {
+    "https://code.jquery.com/jquery-3.3.1.min.js": "jquery-3.3.1.min.js",
+    "https://cdnjs.cloudflare.com/ajax/libs/flot/0.8.3/jquery.flot.min.js": "jquery.flot.js",
+    "https://cdnjs.cloudflare.com/ajax/libs/flot/0.8.3/jquery.flot.time.min.js": (
+        "jquery.flot.time.js"
+    ),
+    "https://cdnjs.cloudflare.com/ajax/libs/flot/0.8.3/jquery.flot.selection.min.js": (
+        "jquery.flot.selection.js"
+    ),
+    "https://cdnjs.cloudflare.com/ajax/libs/flot/0.8.3/jquery.flot.categories.min.js": (
+        "jquery.flot.categories.js"
+    ),
+    "https://cdn.jsdelivr.net/npm/flot-orderbars@1.0.0/js/jquery.flot.orderBars.js": (
+        "jquery.flot.orderBars.js"
+    ),
+    "https://cdnjs.cloudflare.com/ajax/libs/stupidtable/1.0.1/stupidtable.min.js": (
+        "stupidtable.min.js"
+    ),
+    "https://cdnjs.cloudflare.com/ajax/libs/blueimp-md5/2.19.0/js/md5.min.js": "md5.min.js",
+    "https://cdn.jsdelivr.net/npm/bootstrap@3.1.1/dist/js/bootstrap.min.js": "bootstrap.min.js",
+    "https://cdn.jsdelivr.net/npm/bootstrap@3.1.1/dist/css/bootstrap.min.css": (
+        "bootstrap.min.css"
+    ),
+}
+_REMOTE_TAG = re.compile(r'<(?:script|link)\b[^>]*?\b(?:src|href)="(https?://[^"]+)"[^>]*>')
+_SRI = re.compile(r'\s+integrity="(sha256|sha384|sha512)-([^"]+)"')
+
+
+def localize(html: Path, www: Path | None = None) -> list[str]:
+    """Point the published index.html at local copies of its CDN scripts, so the page
+    works offline; returns the URLs left on their CDN. A matching SRI hash is kept."""
+    www = www or repo_root() / "bench" / "www"
+    index = html / "index.html"
+    (html / "vendor").mkdir(exist_ok=True)
+    left: list[str] = []
+
+    def local(match: re.Match[str]) -> str:
+        tag, url = match.group(0), match.group(1)
+        name = VENDOR.get(url)
+        if name is None or not (www / name).is_file():
+            left.append(url)
+            return tag
+        data = (www / name).read_bytes()
+        (html / "vendor" / name).write_bytes(data)
+        tag = tag.replace(url, f"vendor/{name}")
+        sri = _SRI.search(tag)
+        if sri:
+            digest = base64.b64encode(hashlib.new(sri.group(1), data).digest()).decode()
+            if digest != sri.group(2):
+                tag = tag.replace(sri.group(0), "")
+        return tag
+
+    index.write_text(_REMOTE_TAG.sub(local, index.read_text()))
+    return left
+
+
 def check_tools() -> None:
     if shutil.which("git") is None:
         raise UserError("nightly needs git (apt-get install git)")
@@ -256,6 +316,9 @@ def record(raw: Path, layout: Layout, config: Path) -> Nightly:
         env={"DYNAMEM_ASV_RAW": str(raw.resolve())},
     )
     publish_status = asv("publish", config=config)
+    if publish_status == 0:
+        for url in localize(layout.html):
+            print(f"warning: the page still loads {url} from its CDN", file=sys.stderr)
     return Nightly(
         run_id=manifest["run_id"],
         raw=raw,
