@@ -2,15 +2,18 @@
 # Install what dynamem needs on a Debian 12 host (as root), then run one job:
 #   bash scripts/setup.sh demo   build the embedded guest and run the quick comparison
 #   bash scripts/setup.sh test   lint, type-check and run every test (real guests included)
+#   bash scripts/setup.sh install   only install (scripts/nightly.sh uses it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 job="${1:-}"
-case "$job" in demo|test) ;; *) echo "usage: $0 demo|test" >&2; exit 2 ;; esac
+case "$job" in demo|test|install) ;; *) echo "usage: $0 demo|test|install" >&2; exit 2 ;; esac
 
 # Host tools: QEMU, and what the guest build uses (apt-get download, dpkg-deb, depmod,
 # readelf, cpio, zstd; gcc and libc6-dev compile the static in-guest sampler).
-apt_packages=(qemu-system-x86 qemu-utils kmod binutils cpio zstd gcc libc6-dev python3 python3-venv ca-certificates)
+# git: the nightly's timeline repository. chromium: the test that renders the asv page.
+apt_packages=(qemu-system-x86 qemu-utils kmod binutils cpio zstd gcc libc6-dev python3 python3-venv ca-certificates git)
+if [ "$job" = test ]; then apt_packages+=(chromium); fi
 missing=()
 for pkg in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -40,4 +43,5 @@ test)
     mypy
     pytest
     ;;
+install) ;;
 esac

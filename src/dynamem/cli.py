@@ -278,6 +278,33 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_nightly(args: argparse.Namespace) -> int:
+    from dynamem import nightly
+    from dynamem.scenario import load_suite
+
+    nightly.check_tools()
+    layout = nightly.Layout(args.root or nightly.default_root())
+    if args.raw:
+        raw = args.raw
+    else:
+        load_suite(args.suite)  # a bad suite is refused before anything boots
+        raw = nightly.run_suite(
+            args.suite, args.repeats, layout, accel=args.accel, qemu=args.qemu, guest=args.guest
+        )
+    result = nightly.record(raw, layout, layout.config())
+    for cell in result.cells_failed:
+        print(f"cell {cell} failed (see {raw / 'cells' / cell}.json)", file=sys.stderr)
+    if result.asv_run_status:
+        print(f"asv run exited {result.asv_run_status}: some benchmarks failed", file=sys.stderr)
+    if result.publish_status:
+        print(f"asv publish exited {result.publish_status}", file=sys.stderr)
+    print(
+        f"nightly {result.run_id}: timeline commit {result.commit[:12]}, machine "
+        f"{result.machine}, raw results {raw}, HTML {result.html / 'index.html'}"
+    )
+    return 0 if result.ok else 1
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from dynamem.doctor import run_checks
 
@@ -620,6 +647,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="compare runs with different accelerator, QEMU, guest kernel or CPU",
     )
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("nightly", help="run a suite, file it as one asv point, asv publish")
+    p.add_argument("--suite", default="nightly", help="suite name or .toml (default: nightly)")
+    p.add_argument("--repeats", type=_positive_int, help="override every scenario's repeats")
+    p.add_argument("--raw", type=Path, metavar="RUN_DIR", help="record a finished run instead")
+    p.add_argument(
+        "--root", type=Path, help="results root: raw/, timeline/, asv/, html/ (default: results)"
+    )
+    p.add_argument("--guest", default="minimal")
+    p.add_argument("--accel", default="auto")
+    p.add_argument("--qemu", default="qemu-system-x86_64")
+    p.set_defaults(func=cmd_nightly)
 
     p = sub.add_parser("doctor", help="check QEMU, the accelerator, the guest image, host tools")
     p.add_argument("--guest", default="minimal")

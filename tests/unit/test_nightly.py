@@ -1,0 +1,104 @@
+"""`dynamem nightly`'s pieces that need no guest: the timeline, asv's machine file and
+config, and its refusals of bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dynamem import nightly
+from dynamem.errors import UserError
+from dynamem.paths import repo_root
+
+MANIFEST = {
+    "run_id": "20261126-065212-quick",
+    "created": "2026-11-26T06:52:12+00:00",
+    "qemu_version": "7.2.22",
+    "accel": "tcg",
+    "guest_kernel": "6.1.0-56-amd64",
+    "host_kernel": "6.1.0-28-amd64",
+    "dynamem_commit": "e50289ee020c71da4b2864eacae51e84b06890df",
+}
+
+
+def git(repo, *args):
+    return subprocess.run(
+        ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True
+    ).stdout
+
+
+def test_each_nightly_is_one_timeline_commit_dated_by_its_run(tmp_path):
+    timeline = tmp_path / "timeline"
+    first = nightly.commit_manifest(timeline, MANIFEST)
+    second = nightly.commit_manifest(
+        timeline, {**MANIFEST, "run_id": "b", "created": "2026-11-27T06:00:00+00:00"}
+    )
+    assert first != second
+    assert git(timeline, "log", "--format=%H %cI", "main").split("\n")[:2] == [
+        f"{second} 2026-11-27T06:00:00+00:00",
+        f"{first} 2026-11-26T06:52:12+00:00",
+    ]
+    subject = git(timeline, "log", "-1", "--format=%s", first).strip()
+    assert "QEMU 7.2.22 (tcg)" in subject and "guest 6.1.0-56-amd64" in subject
+    assert json.loads(git(timeline, "show", f"{first}:manifest.json")) == MANIFEST
+    assert nightly.recorded_runs(timeline) == ["b", MANIFEST["run_id"]]
+    with pytest.raises(UserError, match="already on the timeline"):
+        nightly.commit_manifest(timeline, MANIFEST)
+
+
+def test_machine_file_is_written_without_questions(tmp_path):
+    path = tmp_path / ".asv-machine.json"
+    path.write_text(json.dumps({"version": 1, "other": {"machine": "other"}}))
+    entry = nightly.machine_entry("tcg")
+    assert entry["machine"].endswith("-tcg")
+    assert set(entry) == {"machine", "os", "arch", "cpu", "num_cpu", "ram"}
+    assert int(entry["num_cpu"]) >= 1 and entry["ram"].endswith("GiB")
+    nightly.write_machine(entry, path)
+    data = json.loads(path.read_text())
+    assert data["other"] == {"machine": "other"} and data[entry["machine"]] == entry
+
+
+def test_config_elsewhere_is_the_top_level_one_with_absolute_paths(tmp_path):
+    top = json.loads((repo_root() / "asv.conf.json").read_text())
+    assert top["environment_type"] == "existing" and top["benchmark_dir"] == "bench"
+    assert top["results_dir"].startswith("results/") and top["html_dir"].startswith("results/")
+    assert nightly.Layout(nightly.default_root()).config() == repo_root() / "asv.conf.json"
+    conf = json.loads(nightly.Layout(tmp_path).config().read_text())
+    assert conf["repo"] == str(tmp_path / "timeline")
+    assert conf["results_dir"] == str(tmp_path / "asv")
+    assert conf["benchmark_dir"] == str(repo_root() / "bench")
+
+
+def dynamem(*argv):
+    return subprocess.run(
+        [sys.executable, "-m", "dynamem.cli", *argv], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--suite", "nosuch"], "no suite 'nosuch'"),
+        (["--raw", "/nonexistent/run"], "is not a dynamem run"),
+        (["--repeats", "0"], "expected at least 1"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, argv, message):
+    res = dynamem("nightly", "--root", str(tmp_path), *argv)
+    assert res.returncode == 2
+    assert res.stderr.count("\n") == 1 and message in res.stderr
+    assert not (tmp_path / "timeline").exists()
+
+
+def test_an_unfinished_run_is_not_recorded(tmp_path):
+    from dynamem import runner
+    from dynamem.scenario import load_suite
+    from dynamem.store import RunStore
+
+    suite = load_suite("quick")
+    store = RunStore.create(tmp_path / "raw" / "r", runner.new_run(suite, 1, {"accel": "tcg"}))
+    res = dynamem("nightly", "--root", str(tmp_path), "--raw", str(store.directory))
+    assert res.returncode == 2
+    assert "not a complete run (0 of 30 cells" in res.stderr
+    assert not (tmp_path / "timeline").exists()
