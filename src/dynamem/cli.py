@@ -291,7 +291,7 @@ def cmd_nightly(args: argparse.Namespace) -> int:
         raw = nightly.run_suite(
             args.suite, args.repeats, layout, accel=args.accel, qemu=args.qemu, guest=args.guest
         )
-    result = nightly.record(raw, layout, layout.config())
+    result = nightly.record(raw, layout)
     for cell in result.cells_failed:
         print(f"cell {cell} failed (see {raw / 'cells' / cell}.json)", file=sys.stderr)
     if result.asv_run_status:

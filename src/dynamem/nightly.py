@@ -287,7 +287,7 @@ class Nightly:
         return not self.cells_failed and self.asv_run_status == 0 and self.publish_status == 0
 
 
-def record(raw: Path, layout: Layout, config: Path) -> Nightly:
+def record(raw: Path, layout: Layout) -> Nightly:
     """Steps 2-5 for a finished raw run: timeline commit, machine, asv run, asv publish."""
     from dynamem.store import RunStore
 
@@ -299,6 +299,7 @@ def record(raw: Path, layout: Layout, config: Path) -> Nightly:
             f"{len(store.run['order'])} cells; finish it with `dynamem run --resume {raw}`)"
         )
     manifest = manifest_of(store.run, cells, raw.resolve())
+    config = layout.config()
     commit = commit_manifest(layout.timeline, manifest)
     entry = machine_entry(manifest["accel"])
     write_machine(entry)

@@ -1,9 +1,12 @@
 """`dynamem nightly`'s pieces that need no guest: the timeline, asv's machine file and
 config, and its refusals of bad input."""
 
+import importlib.util
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -101,4 +104,28 @@ def test_an_unfinished_run_is_not_recorded(tmp_path):
     res = dynamem("nightly", "--root", str(tmp_path), "--raw", str(store.directory))
     assert res.returncode == 2
     assert "not a complete run (0 of 30 cells" in res.stderr
-    assert not (tmp_path / "timeline").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]  # nothing written
+
+
+def test_published_page_is_pointed_at_local_copies(tmp_path):
+    asv_index = Path(importlib.util.find_spec("asv").origin).parent / "www" / "index.html"
+    (tmp_path / "index.html").write_text(asv_index.read_text())
+    left = nightly.localize(tmp_path)
+    page = (tmp_path / "index.html").read_text()
+    assert left == []  # every CDN script of this asv has a local copy
+    assert not re.search(r'<script[^>]*src="https?://', page)
+    assert 'href="vendor/bootstrap.min.css"' in page
+    for name in set(nightly.VENDOR.values()):
+        assert (tmp_path / "vendor" / name).stat().st_size > 1000, name
+    # byte-identical copies keep asv's integrity hash; rebuilt ones drop it
+    jquery = re.search(r'<script src="vendor/jquery-3.3.1.min.js"[^>]*>', page).group(0)
+    assert 'integrity="sha256-FgpCb/KJQlLNfOu91ta32o/NMZxltwRo8QtmkMRdAu8="' in jquery
+    flot = re.search(r'<script src="vendor/jquery.flot.js"[^>]*>', page).group(0)
+    assert "integrity" not in flot
+
+
+def test_a_script_without_a_local_copy_stays_on_its_cdn(tmp_path):
+    tag = '<script src="https://cdn.example.invalid/x.js"></script>'
+    (tmp_path / "index.html").write_text(tag)
+    assert nightly.localize(tmp_path) == ["https://cdn.example.invalid/x.js"]
+    assert (tmp_path / "index.html").read_text() == tag
