@@ -19,11 +19,25 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
 
-from dynamem.analysis.metrics import main_zone, variant_label  # noqa: E402
+from dynamem.analysis.metrics import main_zone, resizes  # noqa: E402
 from dynamem.analysis.stats import group_stats  # noqa: E402
 
-MECHANISMS = ["balloon", "dimm", "virtio-mem/sbm", "virtio-mem/bbm"]
-PALETTE = dict(zip(MECHANISMS, sns.color_palette("colorblind", 4), strict=True))
+# Fixed colours, so a mechanism looks the same in every figure and every report.
+MECHANISMS = [
+    "balloon", "dimm", "virtio-mem/sbm", "virtio-mem/bbm",
+    "balloon/doo", "balloon/fpr", "balloon/doo+fpr",
+]  # fmt: skip
+_COLOURS = sns.color_palette("colorblind", 10)
+PALETTE = dict(zip(MECHANISMS, _COLOURS, strict=False))
+
+
+def colours(labels: Any) -> dict[str, Any]:
+    """PALETTE, extended (deterministically) to labels it does not know."""
+    unknown = sorted(set(labels) - set(PALETTE))
+    extra = {m: _COLOURS[(len(MECHANISMS) + i) % len(_COLOURS)] for i, m in enumerate(unknown)}
+    return {**PALETTE, **extra}
+
+
 MARKERS = {"idle": "o", "stress": "s", "pagecache": "^", "impact": "D"}
 DPI = 110
 
@@ -79,7 +93,7 @@ def latency_vs_size(t: pd.DataFrame, path: Path, seed: int) -> Path | None:
                     rows.size_mib * nudge,
                     rows["median"],
                     yerr=np.clip(err, 0, None),
-                    color=PALETTE.get(mech),
+                    color=colours([mech])[mech],
                     marker=MARKERS.get(str(workload), "o"),
                     linestyle="-" if len(rows) > 1 else "none",
                     capsize=3,
@@ -104,14 +118,10 @@ def representative_cells(cells: list[dict[str, Any]]) -> dict[str, tuple[dict[st
     """Per mechanism, the shrink whose latency is the median of its scenario (the first
     scenario with a workload if any, else idle): (cell, step index)."""
     candidates: dict[tuple[str, str], list[tuple[float, dict[str, Any], int]]] = {}
-    for cell in cells:
-        if cell["status"] != "ok":
-            continue
-        for k, step in enumerate(cell["steps"]):
-            if step.get("kind") == "resize" and step.get("direction") == "shrink":
-                mech = variant_label(step["mechanism"], step.get("variant"))
-                latency = step.get("guest_latency_s") or step.get("host_latency_s") or 0.0
-                candidates.setdefault((mech, cell["workload"]), []).append((latency, cell, k))
+    for r in resizes(cells):
+        if r.cell.get("status") == "ok" and r.direction == "shrink":
+            latency = r.step.get("guest_latency_s") or r.step.get("host_latency_s") or 0.0
+            candidates.setdefault((r.mechanism, r.workload), []).append((latency, r.cell, r.index))
     chosen: dict[str, tuple[dict[str, Any], int]] = {}
     for (mech, _workload), items in sorted(candidates.items(), key=lambda kv: kv[0][1] == "idle"):
         if mech in chosen:
@@ -146,14 +156,16 @@ def time_series(cells: list[dict[str, Any]], load: LoadSeries, path: Path) -> Pa
     for mech in ordered(chosen):
         cell, k = chosen[mech]
         try:
-            series = load(cell["cell"], k)
+            series = load(cell.get("cell", f"{cell['scenario']}-r{cell['repeat']}"), k)
         except (OSError, KeyError):
             continue
         t0 = int(series["t_request_ns"])
         for ax, (label, tkey, value) in zip(axes, panels, strict=True):
             if tkey not in series or len(series[tkey]) == 0:
                 continue
-            ax.plot((series[tkey] - t0) / 1e9, value(series), color=PALETTE.get(mech), label=mech)
+            ax.plot(
+                (series[tkey] - t0) / 1e9, value(series), color=colours([mech])[mech], label=mech
+            )
             ax.set_ylabel(label, fontsize=9)
         titles.append(f"{mech}: {cell['scenario']} r{cell['repeat']}")
     if not titles:
@@ -181,7 +193,7 @@ def rss_vs_requested(t: pd.DataFrame, path: Path) -> Path | None:
         y="value",
         hue="mechanism",
         hue_order=ordered(data.mechanism),
-        palette=PALETTE,
+        palette=colours(data.mechanism),
         dodge=True,
         jitter=0.15,
         ax=ax,
@@ -201,21 +213,15 @@ def rss_vs_requested(t: pd.DataFrame, path: Path) -> Path | None:
 
 def _frag_rows(cells: list[dict[str, Any]]) -> pd.DataFrame:
     rows = []
-    for cell in cells:
-        for step in cell.get("steps", []):
-            frag = step.get("figures", {}).get("guest", {}).get("fragmentation")
-            if step.get("kind") != "resize" or step.get("direction") != "shrink" or not frag:
-                continue
-            zone = main_zone(frag)
-            if zone is None:
-                continue
-            mech = variant_label(step["mechanism"], step.get("variant"))
-            for when in ("before", "after"):
-                values = frag[zone].get(f"unusable_milli_{when}")
-                if values is None:
-                    continue
-                for order, v in enumerate(values):
-                    rows.append((mech, cell["workload"], zone, when, order, v / 1000))
+    for r in resizes(cells):
+        frag: dict[str, Any] = r.guest.get("fragmentation") or {}
+        zone = main_zone(frag) if r.direction == "shrink" else None
+        if zone is None:
+            continue
+        for when in ("before", "after"):
+            values = frag[zone].get(f"unusable_milli_{when}") or []
+            for order, v in enumerate(values):
+                rows.append((r.mechanism, r.workload, zone, when, order, v / 1000))
     return pd.DataFrame(rows, columns=["mechanism", "workload", "zone", "when", "order", "index"])
 
 
@@ -241,7 +247,7 @@ def fragmentation(cells: list[dict[str, Any]], path: Path) -> Path | None:
             med = part.groupby(["when", "order"])["index"].median().reset_index()
             for when, style in (("before", "--"), ("after", "-")):
                 line = med[med.when == when]
-                ax.plot(line.order, line["index"], style, color=PALETTE.get(mech), label=when)
+                ax.plot(line.order, line["index"], style, color=colours([mech])[mech], label=when)
             ax.set_title(f"{mech}, {workload}", fontsize=9)
             ax.set_ylim(-0.03, 1.03)
             if r == len(workloads) - 1:
@@ -256,16 +262,11 @@ def fragmentation(cells: list[dict[str, Any]], path: Path) -> Path | None:
 
 def _watermark_rows(cells: list[dict[str, Any]]) -> pd.DataFrame:
     rows = []
-    for cell in cells:
-        for step in cell.get("steps", []):
-            marks = step.get("figures", {}).get("guest", {}).get("watermarks")
-            if step.get("kind") != "resize" or not marks:
-                continue
-            mech = variant_label(step["mechanism"], step.get("variant"))
-            for zone, z in marks.items():
-                for level in ("min", "low", "high"):
-                    change = (z[level][1] - z[level][0]) * 4
-                    rows.append((mech, step["direction"], zone.split("/")[-1], level, change))
+    for r in resizes(cells):
+        for zone, z in (r.guest.get("watermarks") or {}).items():
+            for level in ("min", "low", "high"):
+                change = (z[level][1] - z[level][0]) * 4
+                rows.append((r.mechanism, r.direction, zone.split("/")[-1], level, change))
     return pd.DataFrame(rows, columns=["mechanism", "direction", "zone", "level", "change_kib"])
 
 
@@ -286,7 +287,7 @@ def watermarks(cells: list[dict[str, Any]], path: Path) -> Path | None:
             y="change_kib",
             hue="mechanism",
             hue_order=ordered(data.mechanism),
-            palette=PALETTE,
+            palette=colours(data.mechanism),
             estimator="median",
             errorbar=None,
             ax=ax,
@@ -323,11 +324,11 @@ def workload_impact(t: pd.DataFrame, path: Path, seed: int) -> Path | None:
             y="value",
             hue="mechanism",
             hue_order=ordered(part.mechanism),
-            palette=PALETTE,
+            palette=colours(data.mechanism),
             estimator="median",
             errorbar=("ci", 95),
             seed=seed,
-            dodge=0.3,
+            dodge=0.3 if part.mechanism.nunique() > 1 else False,
             linestyle="none",
             ax=ax,
         )

@@ -5,7 +5,7 @@ A row is one metric of one measured resize step of one cell. Keeping the extract
 what "shrink latency" or "RSS reclaimed" means.
 """
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -148,31 +148,66 @@ def variant_label(mechanism: str, variant: str | None) -> str:
     return mechanism if not variant or variant == "default" else f"{mechanism}/{variant}"
 
 
+@dataclass(frozen=True)
+class Resize:
+    """One measured resize step with what every view keys on, defaults filled in."""
+
+    cell: dict[str, Any]
+    index: int  # the step's position in the cell
+    step: dict[str, Any]
+
+    @property
+    def mechanism(self) -> str:
+        mech = self.step.get("mechanism") or self.cell.get("mechanism", "?")
+        return variant_label(str(mech), self.step.get("variant"))
+
+    @property
+    def workload(self) -> str:
+        return str(self.cell.get("workload", "idle"))
+
+    @property
+    def direction(self) -> str:
+        return str(self.step.get("direction", ""))
+
+    @property
+    def label(self) -> str:
+        return str(self.step.get("step", f"step {self.index}"))
+
+    @property
+    def guest(self) -> dict[str, Any]:
+        figures = self.step.get("figures") or {}
+        return figures.get("guest") or {}
+
+
+def resizes(cells: Iterable[dict[str, Any]]) -> Iterator[Resize]:
+    for cell in cells:
+        for k, step in enumerate(cell.get("steps") or []):
+            if isinstance(step, dict) and step.get("kind") == "resize":
+                yield Resize(cell, k, step)
+
+
 def tidy(cells: Iterable[dict[str, Any]], run_id: str = "") -> pd.DataFrame:
     """Rows for every metric a resize step has (missing figures give no row)."""
     rows: list[tuple[Any, ...]] = []
-    for cell in cells:
-        for k, step in enumerate(cell.get("steps", [])):
-            if step.get("kind") != "resize":
-                continue
-            mechanism = step.get("mechanism", cell.get("mechanism", ""))
-            key = (
-                run_id,
-                cell["scenario"],
-                variant_label(mechanism, step.get("variant")),
-                step.get("variant") or "default",
-                cell.get("workload", "idle"),
-                cell["repeat"],
-                k,
-                step["step"],
-                step.get("direction", ""),
-                abs(step.get("requested_bytes") or 0) / MiB,
-                step.get("outcome", ""),
-            )
-            for metric in METRICS.values():
-                value = metric.get(step)
-                if value is not None:
-                    rows.append((*key, metric.name, value))
+    for r in resizes(cells):
+        step = r.step
+        key = (
+            run_id,
+            r.cell["scenario"],
+            r.mechanism,
+            step.get("variant") or "default",
+            r.workload,
+            r.cell["repeat"],
+            r.index,
+            r.label,
+            r.direction,
+            abs(step.get("requested_bytes") or 0) / MiB,
+            step.get("outcome", ""),
+        )
+        for metric in METRICS.values():
+            value = metric.get(step)
+            if value is not None:
+                rows.append((*key, metric.name, value))
     return pd.DataFrame(rows, columns=ROW_KEYS)
 
 

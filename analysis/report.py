@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from dynamem.analysis import figures as F
-from dynamem.analysis.metrics import METRICS, tidy, variant_label
+from dynamem.analysis.metrics import METRICS, resizes, tidy
 from dynamem.analysis.stats import group_stats, holm, mad_outliers, mann_whitney_p
 from dynamem.analysis.stats import ratio_of_medians_ci as ratio_ci
 from dynamem.store import RunStore
@@ -139,16 +139,17 @@ def _setup(rep: Report) -> None:
         if isinstance(pins, dict)
         else "-"
     )
-    ok = sum(c["status"] == "ok" for c in rep.cells)
+    ok = sum(c.get("status") == "ok" for c in rep.cells)
+    suite_name = (run.get("suite") or {}).get("name", "?")
     rep.add("## Setup", "")
     rep.add(
         *md_table(
             ["", ""],
             [
-                ["run", f"`{run['run_id']}` (suite `{run['suite']['name']}`, seed {run['seed']})"],
+                ["run", f"`{run['run_id']}` (suite `{suite_name}`, seed {run.get('seed')})"],
                 [
                     "cells",
-                    f"{ok} ok, {len(rep.cells) - ok} failed, {len(run['order'])} planned"
+                    f"{ok} ok, {len(rep.cells) - ok} failed, {len(run.get('order') or [])} planned"
                     + (f"; {len(rep.problems)} unreadable" if rep.problems else ""),
                 ],
                 ["accelerator", f"**{meta.get('accel')}** ({meta.get('accel_reason', '')})"],
@@ -176,10 +177,10 @@ def _setup(rep: Report) -> None:
             ],
         )
     )
-    failed = [c for c in rep.cells if c["status"] != "ok"]
+    failed = [c for c in rep.cells if c.get("status") != "ok"]
     if failed or rep.problems:
         rep.add("Failed cells (their figures are missing from everything below):", "")
-        rep.add(*(f"- `{c['cell']}`: {c.get('error', '')}" for c in failed))
+        rep.add(*(f"- `{c.get('cell')}`: {c.get('error', '')}" for c in failed))
         rep.add(*(f"- unreadable record {p}" for p in rep.problems), "")
 
 
@@ -195,17 +196,16 @@ def _sentence_by_mech(t: pd.DataFrame, metric: str, mechs: list[str], **where: s
 def _questions(rep: Report, mechs: list[str]) -> None:
     t, cells = rep.table, rep.cells
     seed = BOOTSTRAP_SEED
-    steps_of = [(c, s) for c in cells for s in c.get("steps", [])]
+    steps_of = [(c, s) for c in cells for s in c.get("steps") or [] if isinstance(s, dict)]
     rep.add("## The questions", "")
 
     rep.add("### 1. Do zone watermarks move?", "")
     rep.figure(lambda p: F.watermarks(cells, p), "watermarks.png", "watermark change")
     moved: dict[str, list[bool]] = {}
-    for _, s in steps_of:
-        wm = s.get("figures", {}).get("guest", {}).get("watermarks_moved")
-        if s.get("kind") == "resize" and wm is not None:
-            mech = variant_label(s["mechanism"], s.get("variant"))
-            moved.setdefault(mech, []).append(any(wm.values()))
+    for r in resizes(cells):
+        wm = r.guest.get("watermarks_moved")
+        if wm is not None:
+            moved.setdefault(r.mechanism, []).append(any(wm.values()))
     if moved:
         rep.add(
             "Share of resizes after which any zone's min/low/high watermark differed: "
@@ -282,13 +282,12 @@ def _questions(rep: Report, mechs: list[str]) -> None:
 
     rep.add("### 4. Granularity", "")
     grains: dict[str, set[str]] = {}
-    for _, s in steps_of:
-        cfg = s.get("mechanism_config")
-        if s.get("kind") != "resize" or not cfg:
+    for r in resizes(cells):
+        cfg = r.step.get("mechanism_config")
+        if not cfg:
             continue
-        mech = variant_label(s["mechanism"], s.get("variant"))
         unit = cfg.get("block_size") or cfg.get("dimm_size")
-        grains.setdefault(mech, set()).add(
+        grains.setdefault(r.mechanism, set()).add(
             "4 KiB pages (balloon)" if unit is None else f"{unit >> 20} MiB blocks"
         )
     rep.add(
@@ -328,11 +327,10 @@ def _questions(rep: Report, mechs: list[str]) -> None:
 
     rep.add("### 7. Failure and partial success", "")
     outcomes: dict[str, dict[str, int]] = {}
-    for _, s in steps_of:
-        if s.get("kind") == "resize":
-            mech = variant_label(s["mechanism"], s.get("variant"))
-            counts = outcomes.setdefault(mech, {})
-            counts[s["outcome"]] = counts.get(s["outcome"], 0) + 1
+    for r in resizes(cells):
+        counts = outcomes.setdefault(r.mechanism, {})
+        outcome = str(r.step.get("outcome", "?"))
+        counts[outcome] = counts.get(outcome, 0) + 1
     rep.add(
         "Outcomes of every resize: "
         + "; ".join(
@@ -341,7 +339,7 @@ def _questions(rep: Report, mechs: list[str]) -> None:
             if m in outcomes
         )
         + f". Failed cells: "
-        f"{sum(c['status'] != 'ok' for c in cells)}.",
+        f"{sum(c.get('status') != 'ok' for c in cells)}.",
         "",
     )
 
@@ -429,7 +427,7 @@ def _step_kind_section(
     if not found:
         rep.add(f"Not measured in this run (no `{kind}` step); the `study` suite has them.", "")
         return
-    rep.add(*(f"- `{c['cell']}` ({c['mechanism']}): {describe(s)}" for c, s in found), "")
+    rep.add(*(f"- `{c.get('cell')}` ({c.get('mechanism')}): {describe(s)}" for c, s in found), "")
 
 
 def _published(rep: Report) -> None:

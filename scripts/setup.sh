@@ -31,6 +31,15 @@ fi
 .venv/bin/python -m pip install -q -e '.[test]'
 export PATH="$PWD/.venv/bin:$PATH"
 
+# The scripts asv's published page loads (jQuery, flot, bootstrap), pinned, from the npm
+# registry into the cache, so the HTML works offline; nothing third-party is committed.
+if ! command -v npm >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q npm
+fi
+python -c 'import sys; from dynamem.nightly import fetch_vendor, vendor_dir
+missing = fetch_vendor(vendor_dir())
+sys.exit(f"setup: npm could not fetch {missing}" if missing else 0)'
+
 case "$job" in
 demo)
     dynamem guest build

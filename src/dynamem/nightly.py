@@ -27,12 +27,14 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dynamem.errors import UserError
-from dynamem.paths import repo_root
+from dynamem.paths import cache_dir, repo_root
 
 CONFIG_NAME = "asv.conf.json"
 AUTHOR = ["-c", "user.name=dynamem nightly", "-c", "user.email=nightly@dynamem.invalid"]
@@ -205,31 +207,78 @@ def asv(*args: str, config: Path, env: dict[str, str] | None = None) -> int:
     ).returncode
 
 
-# asv 0.6's index.html loads these from CDNs; bench/www/ has them (see its README).
-VENDOR = {
-    "https://code.jquery.com/jquery-3.3.1.min.js": "jquery-3.3.1.min.js",
-    "https://cdnjs.cloudflare.com/ajax/libs/flot/0.8.3/jquery.flot.min.js": "jquery.flot.js",
-    "https://cdnjs.cloudflare.com/ajax/libs/flot/0.8.3/jquery.flot.time.min.js": (
-        "jquery.flot.time.js"
+# asv 0.6's index.html loads these from CDNs, which a runner without internet (or a reader
+# of the artifact offline) cannot reach. They are fetched once from the npm registry with
+# `npm pack` (pinned versions, checked against the registry's integrity hashes by npm) into
+# the cache, and copied beside the page: nothing third-party is kept in this repository.
+# URL -> (local name, npm package@version, path inside the package).
+VENDOR: dict[str, tuple[str, str, str]] = {
+    "https://code.jquery.com/jquery-3.3.1.min.js": (
+        "jquery-3.3.1.min.js", "jquery@3.3.1", "dist/jquery.min.js"
     ),
-    "https://cdnjs.cloudflare.com/ajax/libs/flot/0.8.3/jquery.flot.selection.min.js": (
-        "jquery.flot.selection.js"
-    ),
-    "https://cdnjs.cloudflare.com/ajax/libs/flot/0.8.3/jquery.flot.categories.min.js": (
-        "jquery.flot.categories.js"
-    ),
+    **{
+        f"https://cdnjs.cloudflare.com/ajax/libs/flot/0.8.3/{name}.min.js": (
+            f"{name}.js", "flot@0.8.3", f"{name}.js"
+        )
+        for name in (
+            "jquery.flot", "jquery.flot.time", "jquery.flot.selection", "jquery.flot.categories"
+        )
+    },
     "https://cdn.jsdelivr.net/npm/flot-orderbars@1.0.0/js/jquery.flot.orderBars.js": (
-        "jquery.flot.orderBars.js"
+        "jquery.flot.orderBars.js", "flot-orderbars@1.0.0", "js/jquery.flot.orderBars.js"
     ),
+    # stupidtable 1.0.1 is not on npm; 1.1.3 keeps its API.
     "https://cdnjs.cloudflare.com/ajax/libs/stupidtable/1.0.1/stupidtable.min.js": (
-        "stupidtable.min.js"
+        "stupidtable.min.js", "stupid-table-plugin@1.1.3", "stupidtable.min.js"
     ),
-    "https://cdnjs.cloudflare.com/ajax/libs/blueimp-md5/2.19.0/js/md5.min.js": "md5.min.js",
-    "https://cdn.jsdelivr.net/npm/bootstrap@3.1.1/dist/js/bootstrap.min.js": "bootstrap.min.js",
+    "https://cdnjs.cloudflare.com/ajax/libs/blueimp-md5/2.19.0/js/md5.min.js": (
+        "md5.min.js", "blueimp-md5@2.19.0", "js/md5.min.js"
+    ),
+    "https://cdn.jsdelivr.net/npm/bootstrap@3.1.1/dist/js/bootstrap.min.js": (
+        "bootstrap.min.js", "bootstrap@3.1.1", "dist/js/bootstrap.min.js"
+    ),
     "https://cdn.jsdelivr.net/npm/bootstrap@3.1.1/dist/css/bootstrap.min.css": (
-        "bootstrap.min.css"
+        "bootstrap.min.css", "bootstrap@3.1.1", "dist/css/bootstrap.min.css"
     ),
-}
+}  # fmt: skip
+
+
+def vendor_dir() -> Path:
+    return cache_dir() / "asv-www"
+
+
+def fetch_vendor(dest: Path) -> list[str]:
+    """Fill `dest` with VENDOR's files via `npm pack`; returns what could not be fetched."""
+    wanted = {name: (pkg, member) for name, pkg, member in VENDOR.values()}
+    missing = [n for n in wanted if not (dest / n).is_file()]
+    npm = shutil.which("npm")
+    if not missing or npm is None:
+        return missing
+    dest.mkdir(parents=True, exist_ok=True)
+    packages = sorted({wanted[n][0] for n in missing})
+    with tempfile.TemporaryDirectory() as tmp:
+        res = subprocess.run(
+            [npm, "pack", "--silent", *packages], cwd=tmp, capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+        if res.returncode != 0:
+            return missing
+        for name in missing:
+            pkg, member = wanted[name]
+            tgz = Path(tmp) / (pkg.replace("@", "-", 1).replace("/", "-") + ".tgz")
+            try:
+                with tarfile.open(tgz) as tar:
+                    f = tar.extractfile(f"package/{member}")
+                    data = f.read() if f is not None else b""
+            except (OSError, KeyError, tarfile.TarError):
+                continue
+            if data:
+                tmp_file = dest / f".{name}.tmp"
+                tmp_file.write_bytes(data)
+                tmp_file.replace(dest / name)
+    return [n for n in wanted if not (dest / n).is_file()]
+
+
 _REMOTE_TAG = re.compile(r'<(?:script|link)\b[^>]*?\b(?:src|href)="(https?://[^"]+)"[^>]*>')
 _SRI = re.compile(r'\s+integrity="(sha256|sha384|sha512)-([^"]+)"')
 
@@ -237,14 +286,16 @@ _SRI = re.compile(r'\s+integrity="(sha256|sha384|sha512)-([^"]+)"')
 def localize(html: Path, www: Path | None = None) -> list[str]:
     """Point the published index.html at local copies of its CDN scripts, so the page
     works offline; returns the URLs left on their CDN. A matching SRI hash is kept."""
-    www = www or repo_root() / "bench" / "www"
+    if www is None:
+        www = vendor_dir()
+        fetch_vendor(www)
     index = html / "index.html"
     (html / "vendor").mkdir(exist_ok=True)
     left: list[str] = []
 
     def local(match: re.Match[str]) -> str:
         tag, url = match.group(0), match.group(1)
-        name = VENDOR.get(url)
+        name = VENDOR[url][0] if url in VENDOR else None
         if name is None or not (www / name).is_file():
             left.append(url)
             return tag

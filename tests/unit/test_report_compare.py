@@ -81,3 +81,25 @@ def test_report_from_real_records(tmp_path):
     assert "<table>" in page and page.count("<img") >= 4
     for img in ("latency.png", "watermarks.png", "rss_reclaimed.png", "fragmentation.png"):
         assert (tmp_path / "out" / img).stat().st_size > 10_000
+
+
+def test_report_covers_impact_free_reboot_and_failed_cells(tmp_path):
+    """Records of other real cells: the impact workload, a free step (in a cell that
+    failed), a reboot; variant labels outside the main four get colours too."""
+    run = json.loads((FIXTURES / "run-quick.json").read_text())
+    store = RunStore.create(tmp_path / "run", {k: v for k, v in run.items() if k != "format"})
+    names = [
+        "cell-balloon-impact.json",
+        "cell-balloon-fpr-free-failed.json",
+        "cell-virtio-mem-reboot.json",
+        "cell-virtio-mem-stress.json",
+    ]
+    for name in names:
+        record = json.loads((FIXTURES / name).read_text())
+        store.write_cell(record["cell"], record, [])
+    md = build_report(store, tmp_path / "out")[0].read_text()
+    assert "1 failed" in md and "workload stress died" in md
+    assert "`vmem-reboot-r1` (virtio-mem): host-side memory" in md
+    assert "`fpr-free-r1` (balloon): RSS released" in md
+    assert "balloon/fpr" in md
+    assert (tmp_path / "out" / "impact.png").stat().st_size > 10_000
