@@ -144,7 +144,7 @@ def _setup(rep: Report) -> None:
     rep.add("## Setup", "")
     rep.add(
         *md_table(
-            ["", ""],
+            ["setting", "value"],
             [
                 ["run", f"`{run['run_id']}` (suite `{suite_name}`, seed {run.get('seed')})"],
                 [
