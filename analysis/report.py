@@ -42,6 +42,7 @@ class Report:
     def figure(self, make: Callable[[Path], Path | None], name: str, alt: str) -> bool:
         path = make(self.out / name)
         if path is None:
+            self.add(f"(No data in this run for the figure of {alt}.)", "")
             return False
         self.add(f"![{alt}]({name})", "")
         return True
@@ -412,7 +413,11 @@ def _questions(rep: Report, mechs: list[str]) -> None:
             )
     rep.add("")
     rep.figure(lambda p: F.fragmentation(cells, p), "fragmentation.png", "fragmentation")
-    rep.figure(lambda p: F.workload_impact(t, p, seed), "impact.png", "workload impact")
+    rep.figure(
+        lambda p: F.workload_impact(t, p, seed),
+        "impact.png",
+        "workload impact (the `impact` workload's throughput and stalls)",
+    )
 
 
 def _step_kind_section(
