@@ -19,7 +19,14 @@ import pandas as pd
 
 from dynamem.analysis import figures as F
 from dynamem.analysis.metrics import METRICS, resizes, tidy
-from dynamem.analysis.stats import group_stats, holm, mad_outliers, mann_whitney_p
+from dynamem.analysis.stats import (
+    cliffs_delta,
+    group_stats,
+    hodges_lehmann,
+    holm,
+    mad_outliers,
+    mann_whitney_p,
+)
 from dynamem.analysis.stats import ratio_of_medians_ci as ratio_ci
 from dynamem.store import RunStore
 
@@ -88,10 +95,12 @@ CRITERIA = [
 ]
 
 
-def verdict_table(t: pd.DataFrame, mechs: list[str]) -> tuple[list[list[str]], int]:
-    """Rows of cells "median [CI]"; the winner marked only where significant after Holm."""
+def verdict_table(t: pd.DataFrame, mechs: list[str]) -> tuple[list[list[str]], list[list[str]]]:
+    """Rows of cells "median [CI]", the winner marked only where significant after Holm;
+    and one row per comparison behind it (best mechanism of a row against each other):
+    Hodges-Lehmann shift with its exact CI, Cliff's delta, p and Holm's p."""
     rows: list[list[str]] = []
-    tests: list[tuple[int, str, float]] = []  # (row, candidate winner, p)
+    tests: list[tuple[int, str, str, str, float]] = []  # (row, best, other, effect, p)
     best_of: dict[int, str] = {}
     workloads = sorted(set(t.workload), key=lambda w: w != "idle")
     for workload in workloads:
@@ -115,14 +124,24 @@ def verdict_table(t: pd.DataFrame, mechs: list[str]) -> tuple[list[list[str]], i
                 best_of[r] = best
                 for other in vals:
                     if other != best:
-                        tests.append((r, best, mann_whitney_p(vals[best], vals[other])))
-    adjusted = holm([p for _, _, p in tests])
+                        shift, lo, hi, level = hodges_lehmann(vals[best], vals[other])
+                        effect = (
+                            f"{fmt(shift, m.unit)} [{fmt(lo, m.unit)}, {fmt(hi, m.unit)}] "
+                            f"({level:.0%}); delta {cliffs_delta(vals[best], vals[other]):+.2f}"
+                        )
+                        p = mann_whitney_p(vals[best], vals[other])
+                        tests.append((r, best, other, effect, p))
+    adjusted = holm([test[4] for test in tests])
     for r, best in best_of.items():
-        ps = [adj for (row, _, _), adj in zip(tests, adjusted, strict=True) if row == r]
+        ps = [adj for test, adj in zip(tests, adjusted, strict=True) if test[0] == r]
         if ps and max(ps) < ALPHA:
             k = 1 + mechs.index(best)
             rows[r][k] = f"**{rows[r][k]} ✓**"
-    return rows, len(tests)
+    comparisons = [
+        [rows[r][0], f"{best} vs {other}", effect, f"{p:.3g}", f"{adj:.3g}"]
+        for (r, best, other, effect, p), adj in zip(tests, adjusted, strict=True)
+    ]
+    return rows, comparisons
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -534,12 +553,12 @@ def build_report(store: RunStore, out: Path) -> tuple[Path, Path]:
     if table.empty:
         rep.add("No measured resize in this run: nothing to analyse.", "")
     else:
-        rows, n_tests = verdict_table(table, mechs)
+        rows, comparisons = verdict_table(table, mechs)
         rep.add(
             "## Verdict",
             "",
             f"Median [95% CI] per mechanism; ✓ marks a winner that beats every other "
-            f"mechanism after Holm's correction over the {n_tests} comparisons of this "
+            f"mechanism after Holm's correction over the {len(comparisons)} comparisons of this "
             "table (with n repeats per cell, Mann-Whitney cannot go below p = 2/C(2n, n), "
             "e.g. 0.0079 for n = 5, so few repeats rarely yield a marked winner).",
             "",
@@ -550,6 +569,18 @@ def build_report(store: RunStore, out: Path) -> tuple[Path, Path]:
             "past it is reported `unsupported`); DIMM and virtio-mem grow up to maxmem.",
             "",
         )
+        if comparisons:
+            rep.add(
+                "Behind the marks: the best median of each row against every other mechanism. "
+                "Shift = Hodges-Lehmann estimate of best minus other with its exact "
+                "distribution-free interval (real level in brackets); delta = Cliff's delta "
+                "(-1: every value of the best below every value of the other); Mann-Whitney "
+                "p, and p after Holm over the whole table.",
+                "",
+            )
+            rep.add(
+                *md_table(["criterion", "comparison", "shift; delta", "p", "p (Holm)"], comparisons)
+            )
         _questions(rep, mechs)
         _published(rep)
         _appendix(rep)
