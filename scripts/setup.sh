@@ -14,6 +14,8 @@ case "$job" in demo|test|install) ;; *) echo "usage: $0 demo|test|install" >&2; 
 # git: the nightly's timeline repository. chromium: the test that renders the asv page.
 apt_packages=(qemu-system-x86 qemu-utils kmod binutils cpio zstd gcc libc6-dev python3 python3-venv ca-certificates git)
 if [ "$job" = test ]; then apt_packages+=(chromium); fi
+# npm fetches the asv page's scripts (below); Debian's package only where none is installed.
+command -v npm >/dev/null || apt_packages+=(npm)
 missing=()
 for pkg in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -33,9 +35,6 @@ export PATH="$PWD/.venv/bin:$PATH"
 
 # The scripts asv's published page loads (jQuery, flot, bootstrap), pinned, from the npm
 # registry into the cache, so the HTML works offline; nothing third-party is committed.
-if ! command -v npm >/dev/null; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q npm
-fi
 python -c 'import sys; from dynamem.nightly import fetch_vendor, vendor_dir
 missing = fetch_vendor(vendor_dir())
 sys.exit(f"setup: npm could not fetch {missing}" if missing else 0)'

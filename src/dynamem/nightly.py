@@ -257,10 +257,13 @@ def fetch_vendor(dest: Path) -> list[str]:
     dest.mkdir(parents=True, exist_ok=True)
     packages = sorted({wanted[n][0] for n in missing})
     with tempfile.TemporaryDirectory() as tmp:
-        res = subprocess.run(
-            [npm, "pack", "--silent", *packages], cwd=tmp, capture_output=True, text=True,
-            timeout=300,
-        )  # fmt: skip
+        try:
+            res = subprocess.run(
+                [npm, "pack", "--silent", *packages], cwd=tmp, capture_output=True, text=True,
+                timeout=300,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return missing
         if res.returncode != 0:
             return missing
         for name in missing:
