@@ -115,11 +115,10 @@ class Injector:
             self.fired = True
 
     def _after_request(self, vm: "VM", mech: "Mechanism", kind: str) -> None:
-        original = mech.request
+        """Once, right after the step's request reached QEMU (the mechanism's hook)."""
 
-        def request(vm_: "VM", delta: int, start: int) -> "Request":
-            req = original(vm_, delta, start)
-            del mech.request  # back to the class's method: one shot
+        def fire(vm_: "VM", req: "Request") -> None:
+            mech.after_request.remove(fire)
             self.fired = True
             if kind == "qemu-kill":
                 os.kill(vm_.pid, signal.SIGKILL)
@@ -127,6 +126,5 @@ class Injector:
                 os.kill(vm_.pid, signal.SIGSTOP)
             else:  # panic
                 _guest_background(vm_, "sleep 0.1; echo c > /proc/sysrq-trigger")
-            return req
 
-        mech.request = request  # type: ignore[method-assign,assignment]
+        mech.after_request.append(fire)

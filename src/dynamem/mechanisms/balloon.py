@@ -22,9 +22,9 @@ class Balloon(Mechanism):
     name = "balloon"
 
     def __init__(self, deflate_on_oom: bool = False, free_page_reporting: bool = False) -> None:
+        super().__init__()
         self.deflate_on_oom = deflate_on_oom
         self.free_page_reporting = free_page_reporting
-        self.boot: int | None = None
 
     @property
     def variant(self) -> str:
@@ -65,7 +65,6 @@ class Balloon(Mechanism):
             raise UserError(
                 f"cannot shrink a {format_size(before)} guest to {format_size(min(plan.path))}"
             )
-        self.boot = boot
         return plan
 
     def qemu_args(self, plan: MemoryPlan) -> tuple[str, ...]:
@@ -89,12 +88,16 @@ class Balloon(Mechanism):
     def host_bytes(self, vm: "VM") -> int:
         return int(vm.qmp("query-balloon")["actual"])
 
-    def request(self, vm: "VM", delta: int, start: int) -> Request:
+    def host_bytes_at(self, size: int) -> int:
+        return size  # the logical size of the VM
+
+    def _send(self, vm: "VM", delta: int, start: int) -> Request:
         target = start + delta
-        if self.boot is not None and target > self.boot:
+        boot = self.planned().boot
+        if target > boot:
             raise CapabilityLimit(
                 f"virtio-balloon cannot grow the guest to {format_size(target)}: above its "
-                f"boot RAM {format_size(self.boot)}"
+                f"boot RAM {format_size(boot)}"
             )
         # QMP `balloon` takes the target logical size of the VM, not the balloon's size.
         vm.qmp("balloon", value=target)

@@ -6,6 +6,8 @@ guest observation and the result record live in `dynamem.resize`, shared by all 
 """
 
 import abc
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -30,13 +32,15 @@ class MemoryPlan:
     `before` is the guest's size when the first measured step starts and `deltas` the
     steps (negative shrinks). Hotplug mechanisms boot at the lowest point of the path and
     plug the difference in an unmeasured preparation step; the balloon boots with its
-    maximum and inflates down.
+    maximum and inflates down. The plan holds everything the devices need later (slots,
+    backend size), so planning never changes the mechanism object.
     """
 
     boot: int
     before: int
     deltas: tuple[int, ...]
     capacity: int  # hot(un)pluggable bytes the devices are sized for (0 for the balloon)
+    slots: int = 0  # DIMM slots
 
     @property
     def delta(self) -> int:
@@ -83,8 +87,38 @@ class Progress:
     refused: tuple[str, ...] = ()
 
 
+AfterRequest = Callable[["VM", Request], None]
+
+
 class Mechanism(abc.ABC):
+    """A mechanism's configuration, and once `with_plan` gave it a plan, its devices in one
+    VM (DIMM ids plugged so far live here: one object per VM)."""
+
     name: ClassVar[str]
+    # A resize whose host-side progress stalls this long ends (partial or timeout).
+    no_progress_default_s: ClassVar[float] = 30.0
+
+    def __init__(self) -> None:
+        self.mplan: MemoryPlan | None = None
+        self.no_progress_s = self.no_progress_default_s
+        # Called with each request once QEMU has it: the seam fault injection uses.
+        self.after_request: list[AfterRequest] = []
+
+    def with_plan(self, plan: MemoryPlan) -> "Mechanism":
+        """A copy of this mechanism bound to `plan`, with no devices plugged yet."""
+        bound = copy.copy(self)
+        bound.mplan = plan
+        bound.after_request = []
+        bound._fresh()
+        return bound
+
+    def _fresh(self) -> None:  # noqa: B027 - optional hook
+        """Reset per-VM state in a newly bound copy."""
+
+    def planned(self) -> MemoryPlan:
+        if self.mplan is None:
+            raise RuntimeError(f"{self.label} has no memory plan (use with_plan first)")
+        return self.mplan
 
     @property
     def guest_signal(self) -> str:
@@ -120,7 +154,8 @@ class Mechanism(abc.ABC):
         strict: bool = True,
     ) -> MemoryPlan:
         """Boot size and capacity for a sequence of steps. With `strict=False` a step the
-        mechanism cannot do by design is left to fail at run time (outcome `unsupported`)."""
+        mechanism cannot do by design is left to fail at run time (outcome `unsupported`).
+        Pure: the mechanism object is not changed."""
 
     @abc.abstractmethod
     def qemu_args(self, plan: MemoryPlan) -> tuple[str, ...]:
@@ -141,12 +176,24 @@ class Mechanism(abc.ABC):
     def host_bytes(self, vm: "VM") -> int:
         """Bytes QEMU says this mechanism currently provides (balloon: the logical size)."""
 
-    @abc.abstractmethod
+    def host_bytes_at(self, size: int) -> int:
+        """What `host_bytes` reads when the guest is at `size` on its plan (hotplug: the
+        bytes plugged above boot RAM)."""
+        return size - self.planned().boot
+
     def request(self, vm: "VM", delta: int, start: int) -> Request:
         """Send the resize to QEMU; returns at once (the guest completes asynchronously).
 
         `start` is `host_bytes()` read just before, outside the timed window.
         """
+        req = self._send(vm, delta, start)
+        for hook in list(self.after_request):
+            hook(vm, req)
+        return req
+
+    @abc.abstractmethod
+    def _send(self, vm: "VM", delta: int, start: int) -> Request:
+        """The mechanism's own request to QEMU."""
 
     def poll(self, vm: "VM", req: Request) -> Progress:
         """QEMU's authoritative view of the request's progress: done at the target."""

@@ -15,12 +15,25 @@ if TYPE_CHECKING:
 
 VARIANTS = {"sbm": 2 * MiB, "bbm": 128 * MiB}
 DEVICE = "vm0"
+# Linux's memory block on x86-64 guests below 64 GiB of boot memory. The driver only
+# plugs inside whole blocks that lie in the device's region: a region of 64 MiB plugs
+# nothing, one of 192 MiB at most 128 MiB. So the region is sized in whole blocks.
+LINUX_MEMORY_BLOCK = 128 * MiB
+# Linux retries an unplug that failed with -EBUSY after 50 s, then 100 s later (doubling
+# up to 300 s): a no-progress limit of 160 s lets the first two retries happen.
+RETRY_AWARE_NO_PROGRESS_S = 160.0
+
+
+def _round_up(size: int, unit: int) -> int:
+    return -(-size // unit) * unit
 
 
 class VirtioMem(Mechanism):
     name = "virtio-mem"
+    no_progress_default_s = RETRY_AWARE_NO_PROGRESS_S
 
     def __init__(self, variant: str = "sbm", block_size: int | None = None) -> None:
+        super().__init__()
         if variant not in VARIANTS:
             raise UserError(f"unknown virtio-mem variant {variant!r} (choose from sbm, bbm)")
         self._variant = variant
@@ -29,7 +42,6 @@ class VirtioMem(Mechanism):
             raise UserError("Sub-Block Mode needs a device block size below 128 MiB")
         if variant == "bbm" and self.block_size < 128 * MiB:
             raise UserError("Big Block Mode needs a device block size of at least 128 MiB")
-        self.backend_size = 0
 
     @property
     def variant(self) -> str:
@@ -49,15 +61,31 @@ class VirtioMem(Mechanism):
         strict: bool = True,
     ) -> MemoryPlan:
         boot, capacity = self.hotplug_range(before, deltas, boot, maxmem)
-        self.backend_size = max(capacity, self.block_size)
-        return MemoryPlan(boot=boot, before=before, deltas=deltas, capacity=self.backend_size)
+        needed = max(self._path(before, deltas)) - boot
+        unit = max(self.block_size, LINUX_MEMORY_BLOCK)
+        if maxmem is None:
+            region = _round_up(max(capacity, self.block_size), unit)
+        else:
+            region = capacity // unit * unit
+            if region < needed or region == 0:
+                raise UserError(
+                    f"the virtio-mem region maxmem - boot = {format_size(maxmem - boot)} holds "
+                    f"{region // LINUX_MEMORY_BLOCK} whole {format_size(LINUX_MEMORY_BLOCK)} "
+                    f"memory blocks ({format_size(region)}); the steps need "
+                    f"{format_size(needed)} and the guest plugs only inside whole blocks"
+                )
+        return MemoryPlan(boot=boot, before=before, deltas=deltas, capacity=region)
+
+    @staticmethod
+    def _path(before: int, deltas: tuple[int, ...]) -> list[int]:
+        return MemoryPlan(boot=0, before=before, deltas=deltas, capacity=0).path
 
     def memory_options(self, plan: MemoryPlan) -> tuple[int | None, int]:
-        return plan.boot + self.backend_size, 0
+        return plan.boot + plan.capacity, 0
 
     def qemu_args(self, plan: MemoryPlan) -> tuple[str, ...]:
         return (
-            "-object", f"memory-backend-ram,id=vmem0,size={self.backend_size}",
+            "-object", f"memory-backend-ram,id=vmem0,size={plan.capacity}",
             "-device",
             f"virtio-mem-pci,id={DEVICE},memdev=vmem0,block-size={self.block_size},"
             "requested-size=0",
@@ -66,12 +94,13 @@ class VirtioMem(Mechanism):
     def host_bytes(self, vm: "VM") -> int:
         return int(vm.qmp("qom-get", path=DEVICE, property="size"))
 
-    def request(self, vm: "VM", delta: int, start: int) -> Request:
+    def _send(self, vm: "VM", delta: int, start: int) -> Request:
         target = start + delta
-        if not 0 <= target <= self.backend_size:
+        region = self.planned().capacity
+        if not 0 <= target <= region:
             raise UserError(
                 f"virtio-mem requested-size {format_size(target)} is outside 0.."
-                f"{format_size(self.backend_size)} (the memory backend)"
+                f"{format_size(region)} (the memory backend)"
             )
         vm.qmp("qom-set", path=DEVICE, property="requested-size", value=target)
         return Request(target=target, start=start)
@@ -80,5 +109,5 @@ class VirtioMem(Mechanism):
         return {
             **super().describe(),
             "block_size": self.block_size,
-            "backend_size": self.backend_size,
+            "backend_size": self.mplan.capacity if self.mplan else None,
         }
