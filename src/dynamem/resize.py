@@ -10,8 +10,6 @@ trip, reported with each result.
 """
 
 import time
-from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,77 +19,17 @@ from dynamem.errors import DeadlineExceeded, UserError
 from dynamem.mechanisms.base import CapabilityLimit, Mechanism, Request
 from dynamem.parsers import hotplug_log_lines, parse_kmsg, parse_memblocks, summarize_memblocks
 from dynamem.probes import host as hostprobe
-from dynamem.probes.figures import (
-    GUEST_FILES,
-    MEMINFO_KEYS,
-    VMSTAT_KEYS,
-    guest_figures,
-    host_figures,
-)
+from dynamem.probes.cost import GUEST_FILES, MEMINFO_KEYS, VMSTAT_KEYS, guest_cost, host_cost
 from dynamem.probes.guestmem import parse_vmstat
 from dynamem.qemu.monitor import QMPCommandError
+from dynamem.record import OUTCOMES, Outcome, ResizeCost
+from dynamem.record import ResizeRecord as ResizeResult
 
 if TYPE_CHECKING:
     from dynamem.qemu.machine import VM
 
 PAGE = 4096
-OUTCOMES = ("ok", "partial", "refused", "timeout", "unsupported", "error")
-
-
-@dataclass
-class ResizeResult:
-    mechanism: str
-    variant: str
-    direction: str
-    requested_bytes: int  # signed: negative shrinks
-    outcome: str = "error"
-    message: str = ""
-    host_before_bytes: int | None = None
-    host_after_bytes: int | None = None
-    host_done_bytes: int | None = None  # signed change QEMU reports
-    guest_memtotal_before_kb: int | None = None
-    guest_memtotal_after_kb: int | None = None
-    guest_memtotal_delta_bytes: int | None = None
-    guest_balloon_delta_bytes: int | None = None  # pages the balloon holds, x4 KiB
-    memory_blocks_before: dict[str, int] = field(default_factory=dict)
-    memory_blocks_after: dict[str, int] = field(default_factory=dict)
-    t_request_ns: int | None = None  # host monotonic clock
-    t_host_done_ns: int | None = None
-    t_guest_done_ns: int | None = None
-    host_latency_s: float | None = None
-    guest_latency_s: float | None = None
-    guest_bound_s: float | None = None  # guest-visible completion is within this
-    polls: int = 0
-    poll_period_median_s: float | None = None
-    sample_interval_s: float | None = None
-    samples: int = 0
-    sampler_cpu_s: float | None = None
-    channel_rtt_median_s: float | None = None
-    channel_rtt_p95_s: float | None = None
-    kernel_log: list[str] = field(default_factory=list)
-    mechanism_config: dict[str, Any] = field(default_factory=dict)
-    figures: dict[str, Any] = field(default_factory=dict)  # what it cost (probes.figures)
-    # Time series (numpy arrays; times on the host monotonic clock, ns). Not in to_dict():
-    # see series_lists() and save_series().
-    series: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
-
-    def to_dict(self, *, series: bool = False) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "series"}
-        if series:
-            out["series"] = self.series_lists()
-        return out
-
-    def series_lists(self) -> dict[str, list[float]]:
-        """Series for JSON, times as seconds since the request."""
-        t0 = self.t_request_ns or 0
-        return {
-            name: ((arr - t0) / 1e9).round(6).tolist() if name.endswith("t_ns") else arr.tolist()
-            for name, arr in self.series.items()
-        }
-
-    def save_series(self, path: Path) -> None:
-        arrays: dict[str, Any] = {"t_request_ns": np.int64(self.t_request_ns or 0), **self.series}
-        np.savez_compressed(path, **arrays)
+__all__ = ["OUTCOMES", "ResizeResult", "resize"]
 
 
 def guest_signal(mech: Mechanism, columns: tuple[str, ...], samples: list[Sample]) -> np.ndarray:
@@ -252,10 +190,10 @@ def resize(
             - _balloon_pages(guest_before["/proc/vmstat"])
         ) * PAGE
     res.series = _series(ch, samples, ch.full_samples[full_mark:], host_sampler)
-    res.figures = {
-        "guest": guest_figures(guest_before, guest_after),
-        "host": host_figures(host_before, host_after, res.series, t_req),
-    }
+    res.cost = ResizeCost(
+        guest=guest_cost(guest_before, guest_after),
+        host=host_cost(host_before, host_after, res.series, t_req),
+    )
     res.host_after_bytes = mech.host_bytes(vm)
     res.host_done_bytes = res.host_after_bytes - res.host_before_bytes
     if res.t_host_done_ns is not None:
@@ -284,7 +222,7 @@ def _poll_host(
     deadline_s: float,
     stall_s: float,
     interval_s: float,
-) -> tuple[str, str]:
+) -> tuple[Outcome, str]:
     start = time.monotonic_ns()
     last_bytes = req.start
     last_change = start

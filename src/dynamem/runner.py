@@ -16,37 +16,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import pandas as pd
 
 from dynamem import __version__
-from dynamem.errors import DynamemError, UserError
-from dynamem.faults import Injector
+from dynamem.cell import Cell, host_cpu_model, run_cell
+from dynamem.errors import UserError
 from dynamem.launch import plan_vm
-from dynamem.paths import repo_root
-from dynamem.probes.guestmem import parse_vmstat
-from dynamem.qemu.machine import VM
-from dynamem.resize import ResizeResult, resize
-from dynamem.scenario import Scenario, Step, Suite, load_suite_text
-from dynamem.single import context_of, cpu_model, plan_for, prepare
-from dynamem.steps import free_step, oom_step, reboot_step, split_series
+from dynamem.paths import checkout, results_dir
+from dynamem.record import CellRecord, RunMetadata, RunRecord, SuiteSource
+from dynamem.scenario import Scenario, Suite, load_suite_text
 from dynamem.store import RunStore
-from dynamem.units import GiB
-from dynamem.workloads import Impact, impact_figures
-from dynamem.workloads import make as make_workload
-
-
-@dataclass(frozen=True)
-class Cell:
-    scenario: Scenario
-    repeat: int
-
-    @property
-    def id(self) -> str:
-        return f"{self.scenario.name}-r{self.repeat}"
+from dynamem.units import GiB, format_size
 
 
 def cells_in_order(suite: Suite, seed: int) -> list[Cell]:
@@ -87,9 +70,13 @@ def estimate_cell_s(s: Scenario) -> float:
 
 
 def git_commit() -> str:
+    """The checkout's commit when dynamem runs from one; else the installed version."""
+    root = checkout()
+    if root is None:
+        return f"v{__version__}"
     try:
         out = subprocess.run(
-            ["git", "-C", str(repo_root()), "describe", "--always", "--dirty", "--abbrev=40"],
+            ["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=40"],
             capture_output=True,
             text=True,
             timeout=10,
@@ -99,191 +86,65 @@ def git_commit() -> str:
         return "unknown"
 
 
-def run_metadata(accel_request: str | None, qemu: str, guest: str) -> dict[str, Any]:
+def run_metadata(accel_request: str | None, qemu: str, guest: str) -> RunMetadata:
+    """The host and software of a run; also where a bad accelerator, QEMU or guest image is
+    refused (one line) before anything boots."""
     plan = plan_vm(memory=GiB, accel_request=accel_request, qemu=qemu, guest=guest)
-    return {
-        "host_kernel": platform.release(),
-        "host_cpu": cpu_model(),
-        "host_cpus": os.cpu_count(),
-        "qemu_version": ".".join(map(str, plan.qemu_version)),
-        "accel": plan.accel.accel,
-        "accel_reason": plan.accel.reason,
-        "guest": guest,
-        "guest_kernel": plan.image.kernel_release,
-        "guest_image": plan.image.manifest.get("cache_key"),
-        "guest_packages": plan.image.manifest.get("packages"),
-        "dynamem_version": __version__,
-        "git_commit": git_commit(),
-        "python": platform.python_version(),
-    }
-
-
-def new_run(suite: Suite, seed: int, metadata: dict[str, Any]) -> dict[str, Any]:
-    stamp = datetime.datetime.now(datetime.UTC)
-    return {
-        "run_id": f"{stamp:%Y%m%d-%H%M%S}-{suite.name}",
-        "created": stamp.isoformat(timespec="seconds"),
-        "suite": {"name": suite.name, "toml": suite.source},
-        "seed": seed,
-        "order": [c.id for c in cells_in_order(suite, seed)],
-        "metadata": metadata,
-    }
-
-
-def suite_of(run: dict[str, Any]) -> Suite:
-    try:
-        text, seed = run["suite"]["toml"], run["seed"]
-    except (KeyError, TypeError):
-        raise UserError(f"run {run['run_id']}: run.json holds no suite and seed") from None
-    suite = load_suite_text(text, f"run {run['run_id']}")
-    if not isinstance(seed, int) or {c.id for c in cells_in_order(suite, seed)} != set(
-        run["order"]
-    ):
-        raise UserError(f"run {run['run_id']}: run.json's order does not match its suite")
-    return suite
-
-
-def run_cell(
-    cell: Cell, *, accel_request: str | None, qemu: str, guest: str
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """One cell; returns its record and the series of each step. Only Ctrl-C escapes."""
-    s = cell.scenario
-    t0 = time.monotonic()
-    timings: dict[str, float] = {
-        "preparation": 0.0,
-        "warmup": 0.0,
-        "workload_start": 0.0,
-        "steps": 0.0,
-        "boot": 0.0,
-    }
-    record: dict[str, Any] = {
-        "scenario": s.name,
-        "repeat": cell.repeat,
-        "cell": cell.id,
-        "mechanism": s.mechanism,
-        "workload": s.workload,
-        "scenario_config": s.raw,
-        "status": "failed",
-        "error": "",
-        "steps": [],
-        "context": {},
-        "timings": timings,
-    }
-    series: list[dict[str, Any]] = []
-    vm: VM | None = None
-    phase = "plan"  # where a failure happened, recorded with it
-    inject = Injector(s.inject)
-    try:
-        mech = s.mechanism_object()
-        mplan = s.memory_plan(mech)
-        plan = plan_for(
-            mech, mplan, guest=guest, cpus=s.cpus, accel_request=accel_request, qemu=qemu,
-            memhp_default_state=s.memhp_default_state, kernel_args=s.kernel_args,
-            swap=s.swap, swap_size=s.swap_size,
-            data_size=s.workload_size if s.workload == "pagecache" else 0,
-        )  # fmt: skip
-        vm = VM(plan.config)
-        with vm:
-            phase = "boot"
-            vm.start()
-            timings["boot"] = time.monotonic() - t0
-            record["context"] = context_of(plan, vm, mplan)
-            phase = "preparation"
-            _, timings["preparation"], timings["warmup"] = prepare(
-                vm, mech, mplan, warmup=s.warmup, deadline_s=s.deadline
-            )
-            phase = "workload start"
-            workload = make_workload(s.workload, s.workload_size)
-            inject.before_workload(vm)
-            timings["workload_start"] = workload.start(vm, timeout=s.deadline)
-            results: list[ResizeResult] = []
-            t = time.monotonic()
-            for k, step in enumerate(s.steps):
-                phase = f"step {k} ({step})"
-                inject.before_step(k, vm, mech)
-                if step.kind != "resize":
-                    extra = _other_step(vm, mech, workload, step)
-                    extra, arrays = split_series(extra)
-                    record["steps"].append({"step": str(step), **extra})
-                    series.append(arrays)
-                else:
-                    r = resize(vm, mech, step.delta, deadline_s=s.deadline)
-                    results.append(r)
-                    record["steps"].append({"step": str(step), "kind": "resize", **r.to_dict()})
-                    series.append({"t_request_ns": np.int64(r.t_request_ns or 0), **r.series})
-                vm.check_health()
-            timings["steps"] = time.monotonic() - t
-            phase = "workload stop"
-            # (a free step stops the workload on purpose; an oom step may kill it)
-            expect_alive = not any(step.kind in ("oom", "free") for step in s.steps)
-            if expect_alive and not workload.alive(vm):
-                raise WorkloadDied(
-                    f"workload {s.workload} died during the steps (guest OOM kills so far: "
-                    f"{_oom_kills(vm)})"
-                )
-            log = workload.stop(vm)
-            if isinstance(workload, Impact) and log:
-                _add_impact(vm, log, record, results)
-            record["status"] = "ok"
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:  # noqa: BLE001 - every failure is a recorded outcome
-        message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, DynamemError) else str(exc)
-        reason = vm.diagnosis if vm is not None else None
-        record["failed_at"] = phase
-        known = reason is None or reason in message
-        record["error"] = f"{phase}: " + (message if known else f"{reason}; {message}")
-        if vm is not None:
-            record["console_tail"] = vm.console()[-3000:]
-    if inject.fault is not None:
-        record["injected"] = {"fault": str(inject.fault), "fired": inject.fired}
-    timings["total"] = time.monotonic() - t0
-    timings["overhead"] = timings["total"] - sum(
-        timings[k] for k in ("boot", "preparation", "warmup", "workload_start", "steps")
+    packages = plan.image.manifest.get("packages")
+    return RunMetadata(
+        host_kernel=platform.release(),
+        host_cpu=host_cpu_model(),
+        host_cpus=os.cpu_count(),
+        qemu_version=".".join(map(str, plan.qemu_version)),
+        accel=plan.accel.accel,
+        accel_reason=plan.accel.reason,
+        guest=guest,
+        guest_kernel=plan.image.kernel_release,
+        guest_image=str(plan.image.manifest.get("cache_key") or "") or None,
+        guest_packages={str(k): str(v) for k, v in packages.items()}
+        if isinstance(packages, dict)
+        else None,
+        dynamem_version=__version__,
+        git_commit=git_commit(),
+        python=platform.python_version(),
     )
-    return record, series
 
 
-class WorkloadDied(DynamemError):
-    """The workload's processes are gone before the steps ended (e.g. the OOM killer)."""
+def new_run(suite: Suite, seed: int, metadata: RunMetadata) -> RunRecord:
+    stamp = datetime.datetime.now(datetime.UTC)
+    return RunRecord(
+        run_id=f"{stamp:%Y%m%d-%H%M%S}-{suite.name}",
+        created=stamp.isoformat(timespec="seconds"),
+        suite=SuiteSource(name=suite.name, toml=suite.source),
+        seed=seed,
+        order=[c.id for c in cells_in_order(suite, seed)],
+        metadata=metadata,
+    )
 
 
-def _oom_kills(vm: VM) -> int | str:
-    try:
-        vmstat = vm.sampler.snapshot(["/proc/vmstat"])["/proc/vmstat"]
-    except DynamemError:
-        return "unknown"
-    return parse_vmstat(vmstat).get("oom_kill", 0)
+def start_run(
+    suite: Suite,
+    seed: int,
+    *,
+    accel_request: str | None,
+    qemu: str,
+    guest: str,
+    out: Path | None = None,
+    raw_dir: Path | None = None,
+) -> RunStore:
+    """The one way a run starts (`dynamem run`, the nightly, asv alone): metadata, order
+    and an empty store in `out` (default: `<raw_dir or results/raw>/<run-id>`)."""
+    metadata = run_metadata(accel_request, qemu, guest)
+    run = new_run(suite, seed, metadata)
+    directory = out or (raw_dir or results_dir() / "raw") / run.run_id
+    return RunStore.create(directory, run)
 
 
-def _other_step(vm: VM, mech: Any, workload: Any, step: Step) -> dict[str, Any]:
-    if step.kind == "settle":
-        time.sleep(step.seconds)
-        return {"kind": "settle"}
-    if step.kind == "free":
-        return free_step(vm, workload, step.seconds)
-    if step.kind == "oom":
-        return oom_step(vm, mech, step.size)
-    if step.kind == "reboot":
-        return reboot_step(vm, mech)
-    raise ValueError(f"unknown step {step}")
-
-
-def _add_impact(
-    vm: VM, log: dict[str, Any], record: dict[str, Any], results: list[ResizeResult]
-) -> None:
-    samples = vm.sampler.samples[-2000:]
-    offset = int(np.median([s.arrival_ns - s.guest_ns for s in samples])) if samples else 0
-    k = 0
-    for step in record["steps"]:
-        if step["kind"] != "resize":
-            continue
-        r = results[k]
-        k += 1
-        done = r.t_guest_done_ns or r.t_host_done_ns
-        step.setdefault("figures", {})["workload"] = impact_figures(
-            log, offset, r.t_request_ns or 0, done
-        )
+def suite_of(run: RunRecord) -> Suite:
+    suite = load_suite_text(run.suite.toml, f"run {run.run_id}")
+    if {c.id for c in cells_in_order(suite, run.seed)} != set(run.order):
+        raise UserError(f"run {run.run_id}: run.json's order does not match its suite")
+    return suite
 
 
 class Progress:
@@ -324,24 +185,26 @@ def run_suite(
     qemu: str,
     guest: str,
     report: Callable[[str], None] = print,
-) -> list[dict[str, Any]]:
+) -> list[CellRecord]:
     """Run every cell of the store's run not yet completed; returns all cell records."""
     run = store.run
     suite = suite_of(run)
     for problem in store.set_aside_invalid():
         report(f"unreadable cell record {problem}; set aside as .invalid, the cell runs again")
-    by_id = {c.id: c for c in cells_in_order(suite, run["seed"])}
-    todo = [by_id[i] for i in run["order"] if i not in store.completed()]
-    progress = Progress(len(run["order"]), sum(estimate_cell_s(c.scenario) for c in todo))
-    progress.done = progress.done_before = len(run["order"]) - len(todo)
+    by_id = {c.id: c for c in cells_in_order(suite, run.seed)}
+    todo = [by_id[i] for i in run.order if i not in store.completed()]
+    progress = Progress(len(run.order), sum(estimate_cell_s(c.scenario) for c in todo))
+    progress.done = progress.done_before = len(run.order) - len(todo)
     for cell in todo:
         progress.show(f"{cell.id}")
-        record, series = run_cell(cell, accel_request=accel_request, qemu=qemu, guest=guest)
-        store.write_cell(cell.id, record, series)
+        record = run_cell(
+            cell, accel_request=accel_request, qemu=qemu, guest=guest, accel=run.metadata.accel
+        )
+        store.write_cell(record)
         progress.done += 1
-        if record["status"] != "ok":
+        if not record.ok:
             progress.finish()
-            report(f"cell {cell.id} failed: {record['error']}")
+            report(f"cell {cell.id} failed: {record.error}")
     progress.show("done")
     progress.finish()
     cells, problems = store.load_cells()
@@ -350,47 +213,38 @@ def run_suite(
     return cells
 
 
-def summary_rows(cells: list[dict[str, Any]]) -> list[list[str]]:
-    """Per scenario and step: outcomes and medians of the headline figures."""
-    groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
-    failed: dict[str, int] = {}
-    for cell in cells:
-        if cell["status"] != "ok":
-            failed[cell["scenario"]] = failed.get(cell["scenario"], 0) + 1
-        for k, step in enumerate(cell["steps"]):
-            if step["kind"] == "resize":
-                groups.setdefault((cell["scenario"], k, step["step"]), []).append(step)
-
-    def med(values: list[float | None], scale: float = 1.0, fmt: str = "{:.1f}") -> str:
-        vals = [v * scale for v in values if v is not None]
-        return fmt.format(statistics.median(vals)) if vals else "-"
+def summary_rows(table: pd.DataFrame, cells: list[CellRecord]) -> list[list[str]]:
+    """Per scenario and step: outcomes, and medians of the headline figures over the steps
+    that count (ok steps of ok cells; see `dynamem.analysis.metrics`)."""
+    from dynamem.analysis.metrics import outcome_counts, usable
 
     rows = [["scenario", "step", "ok/n", "host ms", "guest ms", "migrated", "QEMU RSS change MiB"]]
-    for (name, _, label), steps in sorted(groups.items()):
-        ok = sum(1 for s in steps if s["outcome"] == "ok")
+    counts = outcome_counts(table)
+    good = usable(table)
+    for r in counts.itertuples():
+        part = good[(good.scenario == r.scenario) & (good.step_index == r.step_index)]
+
+        def med(metric: str, scale: float = 1.0, fmt: str = "{:.1f}", p: Any = part) -> str:
+            vals = p[p.metric == metric]["value"]
+            return fmt.format(float(vals.median()) * scale) if len(vals) else "-"
+
         rows.append(
             [
-                name,
-                label,
-                f"{ok}/{len(steps)}",
-                med([s["host_latency_s"] for s in steps], 1000),
-                med([s["guest_latency_s"] for s in steps], 1000),
-                med(
-                    [s.get("figures", {}).get("guest", {}).get("pages_migrated") for s in steps],
-                    1,
-                    "{:.0f}",
-                ),
-                med(
-                    [
-                        s.get("figures", {}).get("host", {}).get("rss_reclaimed_bytes")
-                        for s in steps
-                    ],
-                    -1 / 2**20,
-                ),
+                str(r.scenario),
+                str(r.step),
+                f"{r.ok}/{r.n}",
+                med("latency_host_s", 1000),
+                med("latency_guest_s", 1000),
+                med("pages_migrated", 1, "{:.0f}"),
+                med("rss_reclaimed_mib", -1),
             ]
         )
+    failed: dict[str, int] = {}
+    for cell in cells:
+        if not cell.ok:
+            failed[cell.scenario] = failed.get(cell.scenario, 0) + 1
     for name, n in sorted(failed.items()):
-        rows.append([name, "(cells failed)", f"0/{n}", "-", "-", "-", "-"])
+        rows.append([name, "(cells failed)", f"{n} failed", "-", "-", "-", "-"])
     return rows
 
 
@@ -399,10 +253,10 @@ def format_table(rows: list[list[str]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
 
-def overhead_summary(cells: list[dict[str, Any]]) -> str:
-    totals = [c["timings"]["total"] for c in cells]
-    overhead = [c["timings"]["overhead"] for c in cells]
-    boot = [c["timings"]["boot"] for c in cells]
+def overhead_summary(cells: list[CellRecord]) -> str:
+    totals = [c.timings.total for c in cells]
+    overhead = [c.timings.overhead for c in cells]
+    boot = [c.timings.boot for c in cells]
     if not totals:
         return "no cells"
     share = sum(overhead) / sum(totals)
@@ -413,5 +267,18 @@ def overhead_summary(cells: list[dict[str, Any]]) -> str:
     )
 
 
-def default_out() -> Path:
-    return repo_root() / "results" / "raw"
+def dry_run_lines(suite: Suite, seed: int) -> list[str]:
+    order = cells_in_order(suite, seed)
+    total = sum(estimate_cell_s(c.scenario) for c in order)
+    lines = [
+        f"suite {suite.name}: {len(suite.scenarios)} scenarios, {len(order)} cells, "
+        f"seed {seed}; estimated {total / 60:.1f} min under TCG"
+    ]
+    for i, c in enumerate(order, 1):
+        s = c.scenario
+        steps = ", ".join(str(x) for x in s.steps)
+        lines.append(
+            f"{i:4}. {c.id:40} {s.mechanism_config().label}, {format_size(s.memory)}, "
+            f"{s.condition('tcg').workload_label}: {steps} (~{estimate_cell_s(s):.0f} s)"
+        )
+    return lines

@@ -15,10 +15,12 @@ from typing import Any
 from dynamem import faults, mechanisms
 from dynamem.errors import UserError
 from dynamem.mechanisms import Mechanism, MemoryPlan
-from dynamem.qemu.config import ONLINE_STATES, SWAP_KINDS
+from dynamem.qemu.config import ONLINE_STATES, SWAP_KINDS, default_cpu_model
+from dynamem.record import Condition, MechanismConfig
 from dynamem.units import format_size, parse_size
 
 WORKLOADS = ("idle", "stress", "pagecache", "impact")
+REPRODUCIBLE = ("hyperalloc",)  # published experiments a scenario may say it reproduces
 _STEP = re.compile(
     r"^\s*(?:(?P<resize>shrink|grow)\s+(?P<size>\S+)"
     r"|(?P<timed>settle|free)\s+(?P<seconds>\d+(?:\.\d+)?)\s*s"
@@ -38,16 +40,23 @@ SCENARIO_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "boot_memory": (str, "boot RAM (default: what the steps need)"),
     "maxmem": (str, "upper bound for hotplugged memory"),
     "cpus": (int, "vCPUs"),
+    "cpu_model": (str, "QEMU -cpu model (default: host under KVM, max under TCG)"),
     "memhp_default_state": (str, "how the guest onlines hotplugged memory"),
     "kernel_args": (list, "extra guest kernel arguments"),
     "swap": (str, "disk, zram or none"),
     "swap_size": (str, "guest swap size"),
     "workload": (str, "idle, stress, pagecache or impact"),
     "workload_size": (str, "working set: a size or a percentage of memory"),
+    "touch": (str, "touch this much memory (a size or a percentage) and free it first"),
     "steps": (list, 'e.g. ["shrink 256M", "settle 2s", "grow 256M"]'),
     "warmup": (bool, "do the steps once, unmeasured, before measuring"),
     "repeats": (int, "cells (fresh guests) per scenario"),
     "deadline": ((int, float), "seconds each step (and the workload's start) may take"),
+    "reproduces": (str, "a published experiment this scenario runs, scaled: hyperalloc"),
+    "no_progress": (
+        (int, float),
+        "seconds without host-side progress that end a resize (default: per mechanism)",
+    ),
 }
 # Only with DYNAMEM_FAULT_INJECTION=1, for the harness's own tests (see dynamem.faults).
 HIDDEN_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
@@ -58,6 +67,7 @@ SUITE_KEYS = {"name", "description", "repeats", "seed", "defaults", "scenario"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # A kernel argument is one word of the guest's command line: no spaces, quotes or controls.
 KERNEL_ARG = re.compile(r"^[A-Za-z0-9_.,:=/+@%-]+$")
+CPU_MODEL = re.compile(r"^[A-Za-z0-9_.,=+-]{1,200}$")
 
 
 @dataclass(frozen=True)
@@ -95,15 +105,19 @@ class Scenario:
     boot_memory: int | None = None
     maxmem: int | None = None
     cpus: int = 2
+    cpu_model: str | None = None  # None: the accelerator's default
     memhp_default_state: str = "online_movable"
     kernel_args: tuple[str, ...] = ()
     swap: str = "disk"
     swap_size: int = 1 << 30
     workload: str = "idle"
     workload_size: int = 0
+    touch: int = 0
     warmup: bool = True
     repeats: int = 5
     deadline: float = 120.0
+    no_progress: float | None = None  # None: the mechanism's default
+    reproduces: str | None = None
     inject: faults.Fault | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -112,12 +126,47 @@ class Scenario:
         return tuple(s.delta for s in self.steps if s.kind == "resize")
 
     def mechanism_object(self) -> Mechanism:
-        return mechanisms.make(
+        mech = mechanisms.make(
             self.mechanism,
             self.variant,
             dimm_size=self.dimm_size,
             deflate_on_oom=self.deflate_on_oom,
             free_page_reporting=self.free_page_reporting,
+        )
+        if self.no_progress is not None:
+            mech.no_progress_s = self.no_progress
+        return mech
+
+    def mechanism_config(self) -> MechanismConfig:
+        mech = self.mechanism_object()
+        return MechanismConfig(
+            name=mech.name,
+            variant=mech.variant,
+            dimm_size=self.dimm_size if self.mechanism == "dimm" else None,
+            block_size=mech.granularity if self.mechanism == "virtio-mem" else None,
+            boot_memory=self.boot_memory,
+            maxmem=self.maxmem,
+            no_progress_s=mech.no_progress_s,
+        )
+
+    def condition(self, accel: str, observer: str = "standard", start: str = "boot") -> Condition:
+        """What this scenario's cells measure under `accel`, the mechanism aside."""
+        return Condition(
+            memory=self.memory,
+            cpus=self.cpus,
+            cpu_model=self.cpu_model or default_cpu_model(accel),
+            accel=accel,
+            workload=self.workload,
+            workload_size=self.workload_size,
+            touch=self.touch,
+            swap=self.swap,
+            swap_size=self.swap_size if self.swap != "none" else 0,
+            memhp_default_state=self.memhp_default_state,
+            kernel_args=self.kernel_args,
+            warmup=self.warmup,
+            steps=tuple(str(s) for s in self.steps),
+            observer=observer,
+            start=start,
         )
 
     def memory_plan(self, mech: Mechanism) -> MemoryPlan:
@@ -220,8 +269,18 @@ def build_scenario(data: dict[str, Any], where: str) -> Scenario:
     for key in ("repeats", "cpus"):
         if key in data and data[key] < 1:
             raise UserError(f"{where}: {key} must be at least 1")
-    if "deadline" in data and not 0 < data["deadline"] < math.inf:
-        raise UserError(f"{where}: deadline must be a positive number of seconds")
+    if data.get("reproduces", "hyperalloc") not in REPRODUCIBLE:
+        raise UserError(
+            f"{where}: reproduces {data['reproduces']!r} is not one of {', '.join(REPRODUCIBLE)}"
+        )
+    for key in ("deadline", "no_progress"):
+        if key in data and not 0 < data[key] < math.inf:
+            raise UserError(f"{where}: {key} must be a positive number of seconds")
+    if "cpu_model" in data and not CPU_MODEL.match(data["cpu_model"]):
+        raise UserError(
+            f"{where}: cpu_model {data['cpu_model']!r} must be one word of letters, digits "
+            "and _.,=+-"
+        )
     scenario = Scenario(
         name=data["name"],
         mechanism=data["mechanism"],
@@ -234,6 +293,7 @@ def build_scenario(data: dict[str, Any], where: str) -> Scenario:
         boot_memory=sizes.get("boot_memory"),
         maxmem=sizes.get("maxmem"),
         cpus=data.get("cpus", 2),
+        cpu_model=data.get("cpu_model"),
         memhp_default_state=data.get("memhp_default_state", "online_movable"),
         kernel_args=tuple(str(a) for a in data.get("kernel_args", ())),
         swap=data.get("swap", "disk"),
@@ -242,14 +302,21 @@ def build_scenario(data: dict[str, Any], where: str) -> Scenario:
         workload_size=_size_or_pct(data["workload_size"], memory, where)
         if "workload_size" in data
         else 0,
+        touch=_size_or_pct(data["touch"], memory, where) if "touch" in data else 0,
         warmup=data.get("warmup", True),
         repeats=data.get("repeats", 5),
         deadline=float(data.get("deadline", 120.0)),
+        no_progress=float(data["no_progress"]) if "no_progress" in data else None,
+        reproduces=data.get("reproduces"),
         inject=faults.parse(data["inject"], len(steps), data["mechanism"])
         if "inject" in data
         else None,
         raw=dict(data),
     )
+    if scenario.touch >= memory:
+        raise UserError(
+            f"{where}: touch {format_size(scenario.touch)} is not below the guest's memory"
+        )
     if workload in ("stress", "impact") and scenario.workload_size >= memory:
         raise UserError(
             f"{where}: workload_size {format_size(scenario.workload_size)} is not below the "
@@ -317,9 +384,9 @@ def load_suite_text(text: str, source: str) -> Suite:
 
 
 def suites_dir() -> Path:
-    from dynamem.paths import repo_root
+    from dynamem.paths import suites_dir as shipped
 
-    return repo_root() / "suites"
+    return shipped()
 
 
 def load_suite(name_or_path: str) -> Suite:

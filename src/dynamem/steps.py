@@ -1,18 +1,17 @@
 """The steps besides resizes: free a working set, drive the guest out of memory, reboot.
 
-Each returns one record for the cell, in the same spirit as a resize's: what was asked,
-what the host and the guest report before and after.
+Each returns its typed record for the cell (`dynamem.record`), in the same spirit as a
+resize's: what was asked, what the host and the guest report before and after.
 """
 
 import time
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from dynamem.mechanisms import Mechanism
 from dynamem.parsers import parse_memblocks, parse_meminfo, summarize_memblocks
 from dynamem.probes import host as hostprobe
-from dynamem.probes.figures import vmstat_figures
+from dynamem.probes.cost import vmstat_delta
+from dynamem.record import FreeStep, OomStep, RebootStep
 
 if TYPE_CHECKING:
     from dynamem.qemu.machine import VM
@@ -23,9 +22,7 @@ def _guest(vm: "VM") -> dict[str, str]:
     return vm.sampler.snapshot(["/proc/meminfo", "/proc/vmstat", "memblocks"])
 
 
-def free_step(
-    vm: "VM", workload: "Idle | Stress | PageCache | Impact", seconds: float
-) -> dict[str, Any]:
+def free_step(vm: "VM", workload: "Idle | Stress | PageCache | Impact", seconds: float) -> FreeStep:
     """Stop the workload (its memory returns to the guest's free lists) and watch whether
     the host gets it back without any resize (free page reporting, research question 10)."""
     before = _guest(vm)
@@ -43,22 +40,21 @@ def free_step(
     t = series["host_t_ns"]
     base = rss[t < t0]
     rss_before = int(base[-1]) if len(base) else int(rss[0])
-    return {
-        "kind": "free",
-        "seconds": seconds,
-        "rss_before_kb": rss_before,
-        "rss_after_kb": int(rss[-1]),
-        "rss_released_bytes": (rss_before - int(rss[-1])) * 1024,
-        "guest_memfree_kb": [
+    return FreeStep(
+        seconds=seconds,
+        rss_before_kb=rss_before,
+        rss_after_kb=int(rss[-1]),
+        rss_released_bytes=(rss_before - int(rss[-1])) * 1024,
+        guest_memfree_kb=(
             parse_meminfo(before["/proc/meminfo"])["MemFree"],
             parse_meminfo(after["/proc/meminfo"])["MemFree"],
-        ],
-        "vmstat_delta": vmstat_figures(before["/proc/vmstat"], after["/proc/vmstat"]),
-        "series": {k: v for k, v in series.items()},
-    }
+        ),
+        vmstat_delta=vmstat_delta(before["/proc/vmstat"], after["/proc/vmstat"]),
+        series=dict(series),
+    )
 
 
-def oom_step(vm: "VM", mech: Mechanism, size: int, timeout: float = 120.0) -> dict[str, Any]:
+def oom_step(vm: "VM", mech: Mechanism, size: int, timeout: float = 120.0) -> OomStep:
     """Ask for `size` of anonymous memory at once and record who gave way: the OOM killer,
     or the balloon deflating (deflate-on-oom, research question 8)."""
     before = _guest(vm)
@@ -77,44 +73,37 @@ def oom_step(vm: "VM", mech: Mechanism, size: int, timeout: float = 120.0) -> di
     res = vm.run(argv, timeout=timeout, check=False)
     elapsed = time.monotonic() - start
     after = _guest(vm)
-    delta = vmstat_figures(before["/proc/vmstat"], after["/proc/vmstat"])
-    return {
-        "kind": "oom",
-        "size": size,
-        "seconds": elapsed,
-        "stress_exit": res.returncode,
-        "oom_kills": delta["oom_kill"],
-        "balloon_deflated_bytes": delta["balloon_deflate"] * 4096,
-        "host_before_bytes": host_before,
-        "host_after_bytes": mech.host_bytes(vm),
-        "vmstat_delta": delta,
-        "guest_alive": vm.run(["true"], check=False).ok,
-    }
+    delta = vmstat_delta(before["/proc/vmstat"], after["/proc/vmstat"])
+    return OomStep(
+        size=size,
+        seconds=elapsed,
+        stress_exit=res.returncode,
+        oom_kills=delta["oom_kill"],
+        balloon_deflated_bytes=delta["balloon_deflate"] * 4096,
+        host_before_bytes=host_before,
+        host_after_bytes=mech.host_bytes(vm),
+        vmstat_delta=delta,
+        guest_alive=vm.run(["true"], check=False).ok,
+    )
 
 
-def reboot_step(vm: "VM", mech: Mechanism) -> dict[str, Any]:
+def reboot_step(vm: "VM", mech: Mechanism) -> RebootStep:
     """system_reset, then what the guest comes up with (research question 9)."""
     before = _guest(vm)
     host_before = mech.host_bytes(vm)
     seconds = vm.reboot()
     time.sleep(1.0)  # let drivers (virtio-mem re-plugging) start
     after = _guest(vm)
-    return {
-        "kind": "reboot",
-        "seconds": seconds,
-        "host_before_bytes": host_before,
-        "host_after_bytes": mech.host_bytes(vm),
-        "guest_memtotal_kb": [
+    return RebootStep(
+        seconds=seconds,
+        host_before_bytes=host_before,
+        host_after_bytes=mech.host_bytes(vm),
+        guest_memtotal_kb=(
             parse_meminfo(before["/proc/meminfo"])["MemTotal"],
             parse_meminfo(after["/proc/meminfo"])["MemTotal"],
-        ],
-        "memory_blocks": [
+        ),
+        memory_blocks=(
             summarize_memblocks(parse_memblocks(before["memblocks"])),
             summarize_memblocks(parse_memblocks(after["memblocks"])),
-        ],
-    }
-
-
-def split_series(record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    series = record.pop("series", {})
-    return record, series
+        ),
+    )

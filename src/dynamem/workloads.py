@@ -13,6 +13,7 @@ import numpy as np
 
 from dynamem.errors import DeadlineExceeded, GuestCommandError, UserError
 from dynamem.parsers import parse_meminfo
+from dynamem.record import WorkloadImpact
 from dynamem.units import format_size
 
 if TYPE_CHECKING:
@@ -187,32 +188,40 @@ class Impact:
         return {"impact_guest_ns": data[:, 0], "impact_pages": data[:, 1]}
 
 
-def impact_figures(
+def impact_during(
     log: dict[str, Any], offset_ns: int, t_request_ns: int, t_done_ns: int | None
-) -> dict[str, float | None]:
-    """Throughput before and during one step, and the longest stall in it.
+) -> WorkloadImpact | None:
+    """Throughput before and during one step, and the longest stall that touched it.
 
-    `offset_ns` maps the guest clock to the host's (host = guest + offset).
+    `offset_ns` maps the guest clock to the host's (host = guest + offset). A stall is the
+    gap between two consecutive log lines (the probe logs every 10 ms while it runs); every
+    gap that overlaps the window from the request to completion counts whole, so a stall
+    that began before the request, ended after completion, or covered the whole window is
+    measured, not cut or lost. A log that stops inside the window is a stall lasting at
+    least until the window's end.
     """
-    t = log["impact_guest_ns"] + offset_ns
-    pages = log["impact_pages"]
-    if len(t) < 3:
-        return {}
+    t = np.asarray(log["impact_guest_ns"], dtype=np.int64) + offset_ns
+    pages = np.asarray(log["impact_pages"], dtype=np.int64)
+    if len(t) < 2:
+        return None
     end = t_done_ns or int(t[-1])
+    starts, ends = t[:-1], t[1:]
     rate = np.diff(pages) / (np.diff(t) / 1e9)  # pages per second between log lines
-    mid = t[1:]
-    before = rate[(mid >= t_request_ns - 1_000_000_000) & (mid < t_request_ns)]
-    during = rate[(mid >= t_request_ns) & (mid <= end)]
-    window = (t >= t_request_ns) & (t <= end)
-    gaps = np.diff(t[window]) if window.sum() > 1 else np.array([])
-    return {
-        "throughput_before_pps": float(np.median(before)) if len(before) else None,
-        "throughput_during_pps": float(np.median(during)) if len(during) else None,
-        "slowdown": float(np.median(before) / np.median(during))
-        if len(before) and len(during) and np.median(during) > 0
-        else None,
-        "longest_stall_ms": float(gaps.max() / 1e6) if len(gaps) else None,
-    }
+    before = rate[(ends >= t_request_ns - 1_000_000_000) & (ends <= t_request_ns)]
+    overlap = (ends > t_request_ns) & (starts < end)
+    during = rate[overlap]
+    gaps = (ends - starts)[overlap]
+    if t[-1] < end:  # the probe stopped logging before the step completed
+        gaps = np.append(gaps, end - max(int(t[-1]), t_request_ns))
+    slowdown = None
+    if len(before) and len(during) and np.median(during) > 0:
+        slowdown = float(np.median(before) / np.median(during))
+    return WorkloadImpact(
+        throughput_before_pps=float(np.median(before)) if len(before) else None,
+        throughput_during_pps=float(np.median(during)) if len(during) else None,
+        slowdown=slowdown,
+        longest_stall_ms=float(gaps.max() / 1e6) if len(gaps) else None,
+    )
 
 
 def make(kind: str, size: int) -> "Idle | Stress | PageCache | Impact":

@@ -3,9 +3,9 @@
 import pytest
 
 from dynamem import mechanisms
+from dynamem.cell import plan_for
 from dynamem.qemu.machine import VM
 from dynamem.resize import resize
-from dynamem.single import plan_for
 from dynamem.units import GiB, MiB
 
 pytestmark = pytest.mark.slow
@@ -14,13 +14,15 @@ STEP = 256 * MiB
 
 
 def booted(mech, before=2 * GiB, delta=-STEP, **vm_options):
+    """(a started VM, the mechanism bound to its memory plan)."""
     mplan = mech.plan(before, delta, None, None)
+    mech = mech.with_plan(mplan)
     vm = VM(plan_for(mech, mplan, **vm_options).config)
     vm.start()
     if mplan.prepare:
         prep = resize(vm, mech, mplan.prepare)
         assert prep.outcome == "ok", prep
-    return vm, mplan
+    return vm, mech
 
 
 def check_exact(result, requested):
@@ -45,7 +47,7 @@ def check_exact(result, requested):
     ids=["balloon", "dimm", "virtio-mem-sbm", "virtio-mem-bbm"],
 )
 def test_shrink_then_grow_is_exact_in_the_guest(image, run_base, mech):
-    vm, _ = booted(mech)
+    vm, mech = booted(mech)
     with vm:
         shrink = resize(vm, mech, -STEP)
         check_exact(shrink, -STEP)
@@ -70,7 +72,7 @@ def test_shrink_then_grow_is_exact_in_the_guest(image, run_base, mech):
 
 def test_deflate_on_oom_balloon_leaves_memtotal_alone(image, run_base):
     mech = mechanisms.Balloon(deflate_on_oom=True)
-    vm, _ = booted(mech)
+    vm, mech = booted(mech)
     with vm:
         r = resize(vm, mech, -STEP)
         assert r.outcome == "ok", r.message
@@ -81,7 +83,7 @@ def test_deflate_on_oom_balloon_leaves_memtotal_alone(image, run_base):
 
 def test_balloon_grow_past_boot_ram_is_recorded_as_unsupported(image, run_base):
     mech = mechanisms.Balloon()
-    vm, _ = booted(mech)
+    vm, mech = booted(mech)
     with vm:
         r = resize(vm, mech, STEP)
         assert r.outcome == "unsupported"
@@ -92,7 +94,7 @@ def test_balloon_grow_past_boot_ram_is_recorded_as_unsupported(image, run_base):
 
 def test_dimm_unplug_refused_by_a_guest_that_onlined_it_as_kernel_memory(image, run_base):
     mech = mechanisms.Dimm()
-    vm, _ = booted(mech, memhp_default_state="online_kernel")
+    vm, mech = booted(mech, memhp_default_state="online_kernel")
     with vm:
         r = resize(vm, mech, -STEP, stall_s=10)
         assert r.outcome in ("refused", "partial"), r

@@ -3,6 +3,7 @@
 import pytest
 
 from dynamem import mechanisms
+from dynamem.cell import plan_for
 from dynamem.probes.guestmem import (
     fragmentation_index_milli,
     parse_buddyinfo,
@@ -11,7 +12,6 @@ from dynamem.probes.guestmem import (
 )
 from dynamem.qemu.machine import VM
 from dynamem.resize import resize
-from dynamem.single import plan_for
 from dynamem.units import GiB, MiB
 from dynamem.workloads import Stress, touch_and_free
 
@@ -19,12 +19,14 @@ pytestmark = pytest.mark.slow
 
 
 def boot(mech, before, delta, **vm_options):
+    """(a started VM, the mechanism bound to its memory plan)."""
     mplan = mech.plan(before, delta, None, None)
+    mech = mech.with_plan(mplan)
     vm = VM(plan_for(mech, mplan, **vm_options).config)
     vm.start()
     if mplan.prepare:
         assert resize(vm, mech, mplan.prepare).outcome == "ok"
-    return vm
+    return vm, mech
 
 
 def test_fragmentation_indices_match_the_kernels_own(image, run_base):
@@ -58,7 +60,8 @@ def test_fragmentation_indices_match_the_kernels_own(image, run_base):
 def test_virtio_mem_shrink_migrates_under_stress_and_not_when_idle(image, run_base):
     mech = mechanisms.VirtioMem("sbm")
     step = 256 * MiB
-    with boot(mech, 2 * GiB, -step) as vm:
+    vm, mech = boot(mech, 2 * GiB, -step)
+    with vm:
         for delta in (-step, step):  # warm-up: the first plug's housekeeping is not the resize
             assert resize(vm, mech, delta).outcome == "ok"
         idle = resize(vm, mech, -step)
@@ -85,7 +88,8 @@ def test_virtio_mem_shrink_migrates_under_stress_and_not_when_idle(image, run_ba
 )
 def test_host_gets_touched_memory_back_and_watermarks_are_measured(image, run_base, mech):
     step = 512 * MiB
-    with boot(mech, 2 * GiB, -step) as vm:
+    vm, mech = boot(mech, 2 * GiB, -step)
+    with vm:
         for delta in (-step, step):
             assert resize(vm, mech, delta).outcome == "ok"
         touch_and_free(vm, int(0.75 * 2 * GiB))

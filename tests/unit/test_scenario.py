@@ -177,7 +177,7 @@ def test_more_dimms_than_slots_and_a_grow_past_the_plan_are_refused_before_qemu(
     from dynamem.mechanisms import Dimm
 
     mech = Dimm()
-    mech.plan(GiB, 256 << 20, None, None)  # room for 2 DIMMs
+    mech = mech.with_plan(mech.plan(GiB, 256 << 20, None, None))  # room for 2 DIMMs
 
     class NoQemu:
         def qmp(self, *a, **k):
@@ -208,3 +208,33 @@ def test_inject_is_only_read_with_the_switch(monkeypatch):
     ]:
         with pytest.raises(UserError, match=message):
             load_suite_text(text.replace("panic@step0", bad), "t.toml")
+
+
+def test_new_scenario_keys_touch_no_progress_cpu_model_and_reproduces():
+    text = GOOD.replace(
+        'mechanism = "virtio-mem"',
+        'mechanism = "virtio-mem"\ntouch = "50%"\nno_progress = 200\ncpu_model = "qemu64"\n'
+        'reproduces = "hyperalloc"',
+    )
+    s = load_suite_text(text, "t.toml").scenarios[0]
+    assert s.touch == s.memory // 2 and s.no_progress == 200 and s.cpu_model == "qemu64"
+    assert s.mechanism_object().no_progress_s == 200 and s.reproduces == "hyperalloc"
+    cond = s.condition("tcg")
+    assert cond.cpu_model == "qemu64" and cond.touch == s.touch
+    assert s.mechanism_config().no_progress_s == 200
+    for bad, message in [
+        ("no_progress = -1", "no_progress must be a positive number"),
+        ('cpu_model = "max;reboot"', "cpu_model 'max;reboot' must be one word"),
+        ('reproduces = "squeezy"', "reproduces 'squeezy' is not one of hyperalloc"),
+        ('touch = "2G"', "touch 2G is not below the guest's memory"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            load_suite_text(
+                GOOD.replace('mechanism = "virtio-mem"', f'mechanism = "virtio-mem"\n{bad}'),
+                "t.toml",
+            )
+
+
+def test_the_condition_defaults_the_cpu_model_by_accelerator():
+    s = load_suite_text(GOOD, "t.toml").scenarios[0]
+    assert s.condition("tcg").cpu_model == "max" and s.condition("kvm").cpu_model == "host"

@@ -11,6 +11,11 @@ SWAP_KINDS = ("none", "disk", "zram")
 ONLINE_STATES = ("online", "online_kernel", "online_movable", "offline")
 
 
+def default_cpu_model(accel: str) -> str:
+    """The guest CPU model when none is chosen: the host's under KVM, `max` under TCG."""
+    return "host" if accel == "kvm" else "max"
+
+
 @dataclass(frozen=True)
 class VMConfig:
     kernel: Path
@@ -126,7 +131,7 @@ def memory_arg(config: VMConfig) -> str:
 
 
 def build_argv(config: VMConfig, files: RunFiles) -> list[str]:
-    cpu = config.cpu or ("host" if config.accel == "kvm" else "max")
+    cpu = config.cpu or default_cpu_model(config.accel)
     argv = [
         config.qemu_binary,
         "-name",

@@ -1,0 +1,368 @@
+"""One cell's lifecycle: a scenario's repeat on a fresh guest, from plan to record.
+
+Plan, boot, prepare (plug or inflate to the starting size, unmeasured), an optional
+warm-up pass, touch-and-free, the workload, the measured steps, the workload's impact
+attached to each step, then the typed record. `dynamem run` runs every cell of a suite
+through this; `dynamem resize` runs one cell through the same path and prints it. Every
+failure is recorded with the phase it happened in; only Ctrl-C escapes.
+"""
+
+import dataclasses
+import platform
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dynamem import __version__
+from dynamem.errors import DynamemError, VMError
+from dynamem.faults import Injector
+from dynamem.launch import Plan, plan_vm
+from dynamem.mechanisms import Mechanism, MemoryPlan
+from dynamem.parsers import hotplug_log_lines, parse_meminfo
+from dynamem.probes.guestmem import parse_vmstat
+from dynamem.qemu.machine import VM
+from dynamem.record import (
+    CellContext,
+    CellRecord,
+    FreeStep,
+    Injected,
+    OomStep,
+    RebootStep,
+    ResizeRecord,
+    ResizeStep,
+    SettleStep,
+    Timings,
+)
+from dynamem.resize import kernel_log, resize
+from dynamem.scenario import Scenario, Step
+from dynamem.steps import free_step, oom_step, reboot_step
+from dynamem.units import format_size
+from dynamem.workloads import Impact, impact_during, touch_and_free
+from dynamem.workloads import make as make_workload
+
+
+@dataclass(frozen=True)
+class Cell:
+    scenario: Scenario
+    repeat: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.scenario.name}-r{self.repeat}"
+
+
+class WorkloadDied(DynamemError):
+    """The workload's processes are gone before the steps ended (e.g. the OOM killer)."""
+
+
+def plan_for(mech: Mechanism, mplan: MemoryPlan, **vm_options: Any) -> Plan:
+    """The VM a mechanism's memory plan needs: boot RAM, maxmem and slots, devices."""
+    maxmem, slots = mech.memory_options(mplan)
+    cpu_model = vm_options.pop("cpu_model", None)
+    plan = plan_vm(
+        memory=mplan.boot,
+        maxmem=maxmem,
+        slots=slots,
+        extra_args=mech.qemu_args(mplan),
+        kernel_args=tuple(vm_options.pop("kernel_args", ())) + mech.kernel_args(),
+        **vm_options,
+    )
+    if cpu_model is not None:
+        plan = dataclasses.replace(plan, config=dataclasses.replace(plan.config, cpu=cpu_model))
+    return plan
+
+
+def host_cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def context_of(plan: Plan, vm: VM, mplan: MemoryPlan) -> CellContext:
+    """What this cell's guest really was, so its numbers are never read out of context."""
+    from dynamem.qemu.config import default_cpu_model
+
+    c = plan.config
+    return CellContext(
+        accel=plan.accel.accel,
+        accel_reason=plan.accel.reason,
+        qemu_version=".".join(map(str, plan.qemu_version)),
+        guest_kernel=vm.kernel_release or "unknown",
+        guest_image=str(plan.image.manifest.get("cache_key") or "") or None,
+        host_kernel=platform.release(),
+        host_cpu=host_cpu_model(),
+        cpus=c.cpus,
+        boot_memory=c.memory,
+        maxmem=c.maxmem,
+        slots=c.slots,
+        memhp_default_state=c.memhp_default_state,
+        swap=c.swap,
+        swap_size=c.swap_size if c.swap != "none" else 0,
+        kernel_cmdline=c.cmdline,
+        before_bytes=mplan.before,
+        dynamem_version=__version__,
+        boot_kernel_log=hotplug_log_lines("\n".join(kernel_log(vm))),
+        cpu_model=c.cpu or default_cpu_model(c.accel),
+    )
+
+
+def prepare(
+    vm: VM, mech: Mechanism, mplan: MemoryPlan, *, warmup: bool, deadline_s: float = 120.0
+) -> tuple[ResizeRecord | None, float, float]:
+    """Bring the guest to `mplan.before` (plug or inflate, unmeasured), then optionally do
+    the steps once and undo them, so the measured pass does not pay first-time costs.
+
+    Returns (the preparation record, seconds preparing, seconds warming up). A warm-up step
+    that does not complete ends the warm-up; only completed steps are undone, so the
+    measured steps start from `before` either way.
+    """
+    prep = None
+    stall = mech.no_progress_s
+    t0 = time.monotonic()
+    if mplan.prepare:
+        prep = resize(vm, mech, mplan.prepare, deadline_s=deadline_s, stall_s=stall)
+        if prep.outcome != "ok":
+            raise VMError(
+                f"preparation ({format_size(abs(mplan.prepare))} "
+                f"{'plug' if mplan.prepare > 0 else 'inflate'}) did not complete: "
+                f"{prep.outcome} {prep.message}"
+            )
+    t1 = time.monotonic()
+    if warmup:
+        done: list[int] = []
+        for delta in mplan.deltas:
+            if resize(vm, mech, delta, deadline_s=deadline_s, stall_s=stall).outcome != "ok":
+                break
+            done.append(delta)
+        for delta in reversed(done):
+            undo = resize(vm, mech, -delta, deadline_s=deadline_s, stall_s=stall)
+            if undo.outcome != "ok":
+                raise VMError(f"undoing a warm-up step did not complete: {undo.message}")
+    return prep, t1 - t0, time.monotonic() - t1
+
+
+def _memtotal_kb(vm: VM) -> int | None:
+    try:
+        return parse_meminfo(vm.sampler.snapshot(["/proc/meminfo"])["/proc/meminfo"])["MemTotal"]
+    except (DynamemError, KeyError):
+        return None
+
+
+def _oom_kills(vm: VM) -> int | str:
+    try:
+        vmstat = vm.sampler.snapshot(["/proc/vmstat"])["/proc/vmstat"]
+    except DynamemError:
+        return "unknown"
+    return parse_vmstat(vmstat).get("oom_kill", 0)
+
+
+def _other_step(
+    vm: VM, mech: Mechanism, workload: Any, step: Step
+) -> SettleStep | FreeStep | OomStep | RebootStep:
+    record: SettleStep | FreeStep | OomStep | RebootStep
+    if step.kind == "settle":
+        time.sleep(step.seconds)
+        record = SettleStep(seconds=step.seconds)
+    elif step.kind == "free":
+        record = free_step(vm, workload, step.seconds)
+    elif step.kind == "oom":
+        record = oom_step(vm, mech, step.size)
+    elif step.kind == "reboot":
+        record = reboot_step(vm, mech)
+    else:
+        raise ValueError(f"unknown step {step}")
+    record.step = str(step)
+    return record
+
+
+def _off_path(vm: VM, mech: Mechanism, size: int) -> str:
+    """Why the guest is not where the plan puts it before a resize ('' if it is)."""
+    expected, actual = mech.host_bytes_at(size), mech.host_bytes(vm)
+    if actual == expected:
+        return ""
+    return (
+        f"not attempted: QEMU reports {format_size(actual)} where the plan expects "
+        f"{format_size(expected)} before this step (an earlier step did not complete)"
+    )
+
+
+def _skipped(mech: Mechanism, step: Step, reason: str) -> ResizeStep:
+    return ResizeStep(
+        mechanism=mech.name,
+        variant=mech.variant,
+        direction="grow" if step.delta > 0 else "shrink",
+        requested_bytes=step.delta,
+        outcome="skipped",
+        message=reason,
+        mechanism_config=mech.describe(),
+        step=str(step),
+    )
+
+
+def _attach_impact(vm: VM, log: dict[str, Any], record: CellRecord) -> None:
+    """Each resize's window, read off the impact probe's log (guest clock mapped to the
+    host's by the sampler's timestamps)."""
+    samples = vm.sampler.samples[-2000:]
+    offset = int(np.median([s.arrival_ns - s.guest_ns for s in samples])) if samples else 0
+    for _, step in record.resizes():
+        done = step.t_guest_done_ns or step.t_host_done_ns
+        step.cost.workload = impact_during(log, offset, step.t_request_ns or 0, done)
+
+
+def run_cell(
+    cell: Cell, *, accel_request: str | None, qemu: str, guest: str, accel: str
+) -> CellRecord:
+    """One cell; returns its typed record (time series in its steps). `accel` is the
+    accelerator the run chose, the cell's condition even if its own planning fails."""
+    s = cell.scenario
+    t0 = time.monotonic()
+    timings = Timings()
+    record = CellRecord(
+        cell=cell.id,
+        scenario=s.name,
+        repeat=cell.repeat,
+        mechanism=s.mechanism_config(),
+        condition=s.condition(accel),
+        timings=timings,
+        reproduces=s.reproduces,
+        scenario_config=dict(s.raw),
+    )
+    vm: VM | None = None
+    phase = "plan"  # where a failure happened, recorded with it
+    inject = Injector(s.inject)
+    try:
+        unbound = s.mechanism_object()
+        mplan = s.memory_plan(unbound)
+        mech = unbound.with_plan(mplan)
+        plan = plan_for(
+            mech, mplan, guest=guest, cpus=s.cpus, accel_request=accel_request, qemu=qemu,
+            memhp_default_state=s.memhp_default_state, kernel_args=s.kernel_args,
+            swap=s.swap, swap_size=s.swap_size, cpu_model=s.cpu_model,
+            data_size=s.workload_size if s.workload == "pagecache" else 0,
+        )  # fmt: skip
+        vm = VM(plan.config)
+        with vm:
+            phase = "boot"
+            vm.start()
+            timings.boot = time.monotonic() - t0
+            record.context = context_of(plan, vm, mplan)
+            phase = "preparation"
+            record.preparation, timings.preparation, timings.warmup = prepare(
+                vm, mech, mplan, warmup=s.warmup, deadline_s=s.deadline
+            )
+            record.context.memtotal_start_kb = _memtotal_kb(vm)
+            if s.touch:
+                phase = "touch"
+                touch_and_free(vm, s.touch)
+            phase = "workload start"
+            workload = make_workload(s.workload, s.workload_size)
+            inject.before_workload(vm)
+            timings.workload_start = workload.start(vm, timeout=s.deadline)
+            record.workload_ready_s = timings.workload_start
+            t = time.monotonic()
+            sizes = iter(mplan.path)
+            for k, step in enumerate(s.steps):
+                phase = f"step {k} ({step})"
+                inject.before_step(k, vm, mech)
+                if step.kind == "resize":
+                    off_path = _off_path(vm, mech, next(sizes))
+                    if off_path:
+                        record.steps.append(_skipped(mech, step, off_path))
+                        continue
+                    r = resize(
+                        vm, mech, step.delta, deadline_s=s.deadline, stall_s=mech.no_progress_s
+                    )
+                    record.steps.append(ResizeStep.of(str(step), r))
+                else:
+                    record.steps.append(_other_step(vm, mech, workload, step))
+                vm.check_health()
+            timings.steps = time.monotonic() - t
+            phase = "workload stop"
+            # (a free step stops the workload on purpose; an oom step may kill it)
+            expect_alive = not any(step.kind in ("oom", "free") for step in s.steps)
+            if expect_alive and not workload.alive(vm):
+                raise WorkloadDied(
+                    f"workload {s.workload} died during the steps (guest OOM kills so far: "
+                    f"{_oom_kills(vm)})"
+                )
+            log = workload.stop(vm)
+            if isinstance(workload, Impact) and log:
+                _attach_impact(vm, log, record)
+            record.status = "ok"
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every failure is a recorded outcome
+        message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, DynamemError) else str(exc)
+        reason = vm.diagnosis if vm is not None else None
+        record.failed_at = phase
+        known = reason is None or reason in message
+        record.error = f"{phase}: " + (message if known else f"{reason}; {message}")
+        if vm is not None:
+            record.console_tail = vm.console()[-3000:]
+    if inject.fault is not None:
+        record.injected = Injected(fault=str(inject.fault), fired=inject.fired)
+    timings.total = time.monotonic() - t0
+    timings.overhead = timings.total - sum(
+        (timings.boot, timings.preparation, timings.warmup, timings.workload_start, timings.steps)
+    )
+    return record
+
+
+def resize_summary(record: CellRecord) -> str:
+    """`dynamem resize`'s text: the measured step, what it cost, and its context."""
+
+    def ms(x: float | None) -> str:
+        return "-" if x is None else f"{x * 1000:.1f} ms"
+
+    def size(x: int | None) -> str:
+        return "-" if x is None else ("-" if x < 0 else "+") + format_size(abs(x))
+
+    steps = record.resizes()
+    if not steps:
+        return f"{record.mechanism.label}: no resize measured ({record.error or record.status})"
+    r = steps[0][1]
+    lines = [
+        f"{r.label} {r.direction} {size(r.requested_bytes)}: {r.outcome}"
+        + (f" ({r.message})" if r.message else ""),
+        f"  host:  {size(r.host_done_bytes)} done, completion after {ms(r.host_latency_s)} "
+        f"(polled every {ms(r.poll_period_median_s)})",
+        f"  guest: MemTotal {size(r.guest_memtotal_delta_bytes)}"
+        + (
+            f", balloon {size(r.guest_balloon_delta_bytes)}"
+            if r.guest_balloon_delta_bytes is not None
+            else ""
+        )
+        + f", visible after {ms(r.guest_latency_s)} (at most {ms(r.guest_bound_s)} earlier)",
+        f"  memory blocks before {r.memory_blocks_before} after {r.memory_blocks_after}",
+    ]
+    g, h = r.cost.guest, r.cost.host
+    if g is not None:
+        moved = [z.split("/")[-1] for z, m in g.watermarks_moved.items() if m]
+        lines.append(
+            f"  cost:  {g.pages_migrated} pages migrated, swap out/in {g.swap_out_pages}/"
+            f"{g.swap_in_pages} pages, {g.compaction_stalls} compaction stalls, "
+            f"{g.oom_kills} OOM kills; watermarks recomputed in: {', '.join(moved) or 'none'}"
+        )
+    if h is not None:
+        settle = "-" if h.rss_settle_s is None else f"{h.rss_settle_s:.2f} s"
+        thp = f"{h.anon_huge_before_kb >> 10} -> {h.anon_huge_after_kb >> 10} MiB"
+        lines.append(
+            f"  rss:   QEMU RSS {-h.rss_reclaimed_bytes / 2**20:+.1f} MiB (settled after "
+            f"{settle}), AnonHugePages {thp}"
+        )
+    ctx = record.context
+    if ctx is not None:
+        lines.append(
+            f"  {ctx.accel}, -cpu {ctx.cpu_model}, QEMU {ctx.qemu_version}, guest "
+            f"{ctx.guest_kernel}"
+        )
+    if not record.ok:
+        lines.append(f"  cell failed: {record.error}")
+    return "\n".join(lines)
