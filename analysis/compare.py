@@ -1,12 +1,21 @@
-"""Two runs side by side, metric by metric: did anything get slower (for CI)?
+"""Two runs side by side, for CI: did anything get slower, worse, or start failing?
 
-The ratio is B over A of geometric means with a Welch t interval on the log scale: a
-latency ratio is what a regression is about, and with the few repeats a suite has, a rank
-test cannot reach significance once corrected for the many comparisons (five against five
-never goes below p = 0.0079). Holm's correction runs over every comparison made; a metric
-counts as changed only when it is significant after correction and moved by more than the
-noise threshold. Metrics with zeros (counts such as pages migrated) have no log scale and
-are listed as not compared rather than tested on a different footing.
+Three kinds of finding, each enough to fail the comparison:
+
+- **Success share.** Per scenario and step, the share of resizes that were ok steps of
+  ok cells. Any drop from A to B is a regression (5/5 -> 3/5 is two resizes that no longer
+  work, whatever a test on five repeats would call it).
+- **Missing.** A scenario, step or metric that A measured and B did not (B's resizes all
+  failed, or the suite changed) is named; nothing is skipped silently.
+- **Metrics**, over the usable rows only (ok steps of ok cells, `metrics.usable`). Strictly
+  positive values: the ratio B/A of geometric means with a Welch t interval on the log
+  scale (a latency ratio is what a regression is about). Values with zeros or negatives
+  (page counts, RSS reclaimed, index changes): the difference of means B - A with a Welch
+  t interval. Holm's correction runs over every test; a metric counts as changed only when
+  significant after correction and moved by more than the noise threshold and the
+  metric's own resolution. (Rank tests cannot serve here: five against five never goes
+  below p = 0.0079, which Holm's correction over a suite's dozens of tests never lets
+  through.)
 """
 
 from dataclasses import dataclass
@@ -16,26 +25,34 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from dynamem.analysis.metrics import METRICS
-from dynamem.analysis.stats import holm
 from dynamem.errors import UserError
+
+from .metrics import METRICS, STEP_KEYS, outcome_counts, usable
+from .stats import holm
 
 # Runs that differ in any of these measure different things; they are never pooled.
 IDENTITY = ("accel", "qemu_version", "guest_kernel", "host_cpu")
 
 
 def identity_mismatch(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    ma, mb = a.get("metadata", {}), b.get("metadata", {})
-    return [f"{k} {ma.get(k)!r} vs {mb.get(k)!r}" for k in IDENTITY if ma.get(k) != mb.get(k)]
+    return [f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in IDENTITY if a.get(k) != b.get(k)]
 
 
-def check_comparable(a: dict[str, Any], b: dict[str, Any], allow_mixed: bool) -> list[str]:
+def condition_mismatch(a: pd.DataFrame, b: pd.DataFrame) -> list[str]:
+    """Scenarios both runs hold whose conditions differ (a changed suite, CPU model...)."""
+    ca = a.drop_duplicates("scenario").set_index("scenario")["condition"]
+    cb = b.drop_duplicates("scenario").set_index("scenario")["condition"]
+    common = ca.index.intersection(cb.index)
+    return [f"scenario {s}: {ca[s]!r} vs {cb[s]!r}" for s in common if ca[s] != cb[s]]
+
+
+def check_comparable(diffs: list[str], run_a: str, run_b: str, allow_mixed: bool) -> list[str]:
     """The differences; a UserError unless they were allowed."""
-    diffs = identity_mismatch(a, b)
     if diffs and not allow_mixed:
         raise UserError(
-            f"runs {a.get('run_id')} and {b.get('run_id')} differ in {'; '.join(diffs)}: "
-            "their numbers are not comparable (pass --allow-mixed to compare anyway)"
+            f"runs {run_a} and {run_b} differ in {diffs[0]}"
+            + (f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else "")
+            + ": their numbers are not comparable (pass --allow-mixed to compare anyway)"
         )
     return diffs
 
@@ -58,61 +75,136 @@ def log_ratio_test(a: np.ndarray, b: np.ndarray, confidence: float) -> tuple[flo
     return float(np.exp(diff)), float(np.exp(ci.low)), float(np.exp(ci.high)), float(res.pvalue)
 
 
+def difference_test(a: np.ndarray, b: np.ndarray, confidence: float) -> tuple[float, ...]:
+    """(mean B - mean A, CI low, CI high, p) from Welch's t on the values themselves."""
+    diff = float(b.mean() - a.mean())
+    if np.ptp(a) == 0 and np.ptp(b) == 0:  # no spread: equal, or certainly different
+        return diff, diff, diff, 1.0 if diff == 0 else 0.0
+    res = stats.ttest_ind(b, a, equal_var=False)
+    ci = res.confidence_interval(confidence)
+    return diff, float(ci.low), float(ci.high), float(res.pvalue)
+
+
+def _metric_row(
+    key: tuple[Any, ...], va: np.ndarray, vb: np.ndarray, confidence: float
+) -> dict[str, Any]:
+    metric = METRICS[key[3]]
+    row: dict[str, Any] = dict(zip([*STEP_KEYS, "metric"], key, strict=True))
+    row.update(
+        unit=metric.unit, better=metric.better, n_a=len(va), n_b=len(vb),
+        median_a=float(np.median(va)), median_b=float(np.median(vb)),
+    )  # fmt: skip
+    if len(va) < 2 or len(vb) < 2:
+        row["note"] = "fewer than 2 values in a run"
+    elif np.all(va > 0) and np.all(vb > 0):
+        row["method"] = "ratio"
+        row["ratio"], row["ci_low"], row["ci_high"], row["p"] = log_ratio_test(va, vb, confidence)
+    else:
+        row["method"] = "difference"
+        row["difference"], row["ci_low"], row["ci_high"], row["p"] = difference_test(
+            va, vb, confidence
+        )
+    return row
+
+
 def compare_tables(
     a: pd.DataFrame, b: pd.DataFrame, thresholds: Thresholds = Thresholds()
-) -> pd.DataFrame:
-    """One row per (scenario, step, metric) present in both runs, with its verdict."""
-    keys = ["scenario", "step_index", "step", "metric"]
+) -> tuple[pd.DataFrame, list[str]]:
+    """(one row per compared scenario, step and metric with its verdict; what A has and B
+    lacks, one line each)."""
     rows: list[dict[str, Any]] = []
-    grouped_b = dict(list(b.groupby(keys)))
-    for key, ga in a.groupby(keys):
-        metric = METRICS[key[3]]
-        if metric.better == "none" or key not in grouped_b:
+    missing: list[str] = []
+    oa, ob = outcome_counts(a), outcome_counts(b)
+    ob_by = {tuple(r[:3]): r for r in ob.itertuples(index=False)}
+    for r in oa.itertuples(index=False):
+        key = tuple(r[:3])
+        other = ob_by.get(key)
+        where = f"{r.scenario} step {r.step_index} ({r.step})"
+        if other is None:
+            missing.append(f"{where}: in A ({r.ok}/{r.n} ok), missing in B")
             continue
-        va, vb = ga["value"].to_numpy(float), grouped_b[key]["value"].to_numpy(float)
-        row: dict[str, Any] = dict(zip(keys, key, strict=True))
-        row.update(
-            unit=metric.unit,
-            better=metric.better,
-            n_a=len(va),
-            n_b=len(vb),
-            median_a=float(np.median(va)),
-            median_b=float(np.median(vb)),
-        )
-        if len(va) < 2 or len(vb) < 2:
-            row["note"] = "fewer than 2 values in a run"
-        elif np.any(va <= 0) or np.any(vb <= 0):
-            row["note"] = "zeros or negatives: no ratio"
-        else:
-            row["ratio"], row["ci_low"], row["ci_high"], row["p"] = log_ratio_test(
-                va, vb, 1 - thresholds.alpha
-            )
+        row: dict[str, Any] = dict(zip(STEP_KEYS, key, strict=True))
+        row.update(metric="succeeded", unit="share", better="higher", n_a=r.n, n_b=other.n,
+                   median_a=r.share, median_b=other.share,
+                   note=f"{r.ok}/{r.n} -> {other.ok}/{other.n}")  # fmt: skip
+        row["verdict"] = "worse" if other.share < r.share else "no change"
         rows.append(row)
+    ua, ub = usable(a), usable(b)
+    keys = [*STEP_KEYS, "metric"]
+    grouped_b = {k: g["value"].to_numpy(float) for k, g in ub.groupby(keys)}
+    present_b = {tuple(r[:3]) for r in ob.itertuples(index=False)}
+    tested: list[dict[str, Any]] = []
+    for key, ga in ua.groupby(keys):
+        if METRICS[key[3]].better == "none":
+            continue
+        if key not in grouped_b:
+            if tuple(key[:3]) in present_b:
+                missing.append(
+                    f"{key[0]} step {key[1]} ({key[2]}): metric {key[3]} in A "
+                    f"({len(ga)} values), none usable in B"
+                )
+            continue
+        row = _metric_row(key, ga["value"].to_numpy(float), grouped_b[key], 1 - thresholds.alpha)
+        rows.append(row)
+        if "p" in row:
+            tested.append(row)
+    for row, p_holm in zip(tested, holm([r["p"] for r in tested]), strict=True):
+        row["p_holm"] = float(p_holm)
+    for row in rows:
+        if "verdict" not in row:
+            row["verdict"] = _verdict(row, thresholds)
     table = pd.DataFrame(rows)
-    if table.empty:
-        return table
-    for col in ("ratio", "ci_low", "ci_high", "p", "note"):
+    for col in ("method", "ratio", "difference", "ci_low", "ci_high", "p", "p_holm", "note"):
         if col not in table:
             table[col] = np.nan if col != "note" else ""
-    table["note"] = table["note"].fillna("")
-    tested = table["p"].notna()
-    table["p_holm"] = np.nan
-    table.loc[tested, "p_holm"] = holm(table.loc[tested, "p"].to_numpy())
-    table["verdict"] = [_verdict(r, thresholds) for r in table.itertuples()]
-    return table
+    if not table.empty:
+        table["note"] = table["note"].fillna("")
+    return table, missing
 
 
-def _verdict(row: Any, t: Thresholds) -> str:
-    if not np.isfinite(row.p_holm):
+def _verdict(row: dict[str, Any], t: Thresholds) -> str:
+    p = row.get("p_holm")
+    if p is None or not np.isfinite(p):
         return "not compared"
-    if row.p_holm >= t.alpha or abs(np.log(row.ratio)) <= np.log1p(t.noise):
+    if row["method"] == "ratio":
+        big = abs(np.log(row["ratio"])) > np.log1p(t.noise)
+        up = row["ratio"] > 1
+        size = abs(row["median_b"] - row["median_a"])
+    else:
+        big = abs(row["difference"]) > t.noise * abs(row["median_a"])
+        up = row["difference"] > 0
+        size = abs(row["difference"])
+    if p >= t.alpha or not big or size < METRICS[row["metric"]].resolution:
         return "no significant change"
-    up = row.ratio > 1
-    worse = up if row.better == "lower" else not up
-    if row.unit == "s":
+    worse = up if row["better"] == "lower" else not up
+    if row["unit"] == "s":
         return "slower" if worse else "faster"
     return "worse" if worse else "better"
 
 
-def regressed(table: pd.DataFrame) -> bool:
-    return bool(not table.empty and table["verdict"].isin(["slower", "worse"]).any())
+def regressed(table: pd.DataFrame, missing: list[str]) -> bool:
+    return bool(missing) or bool(
+        not table.empty and table["verdict"].isin(["slower", "worse"]).any()
+    )
+
+
+def format_rows(table: pd.DataFrame) -> list[list[str]]:
+    """The comparison as text rows (header first), for the terminal."""
+    rows = [["scenario", "step", "metric", "A", "B", "B/A or B-A", "95% CI", "p (Holm)",
+             "verdict"]]  # fmt: skip
+    for r in table.itertuples():
+        if r.metric == "succeeded":
+            rows.append([r.scenario, r.step, "success share", f"{r.median_a:.0%}",
+                         f"{r.median_b:.0%}", "-", r.note, "-", r.verdict])  # fmt: skip
+            continue
+        if r.method == "ratio":
+            effect, ci = f"x{r.ratio:.2f}", f"{r.ci_low:.2f}-{r.ci_high:.2f}"
+        elif r.method == "difference":
+            effect, ci = f"{r.difference:+.4g}", f"{r.ci_low:+.4g} to {r.ci_high:+.4g}"
+        else:
+            effect, ci = "-", r.note
+        rows.append([
+            r.scenario, r.step, r.metric, f"{r.median_a:.4g}", f"{r.median_b:.4g}", effect, ci,
+            f"{r.p_holm:.3g}" if np.isfinite(r.p_holm) else "-", r.verdict,
+        ])  # fmt: skip
+    return rows

@@ -1,7 +1,10 @@
 """The report's figures: one function per question, each readable on its own.
 
 Every figure uses the same colour per mechanism (`PALETTE`), units on every axis, and
-statistics from `dynamem.analysis.stats` (so a figure and the tables beside it agree).
+statistics from `stats` (the exact order-statistic interval, as in the tables beside
+it). Figures show only ok steps of ok cells: the report passes `metrics.usable` rows, and
+the figures drawn from records select the same with `metrics.resize_steps`. Series are
+grouped by condition (`cond`, e.g. "C2: stress 614M"), never pooled across conditions.
 A function returns None when the run holds no data for its figure; the report says so.
 """
 
@@ -19,8 +22,10 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
 
-from dynamem.analysis.metrics import main_zone, resizes  # noqa: E402
-from dynamem.analysis.stats import group_stats  # noqa: E402
+from dynamem.record import CellRecord  # noqa: E402
+
+from .metrics import FRAGMENTATION_ZONE, resize_steps  # noqa: E402
+from .stats import group_stats  # noqa: E402
 
 # Fixed colours, so a mechanism looks the same in every figure and every report.
 MECHANISMS = [
@@ -60,23 +65,29 @@ def ordered(mechanisms: Any) -> list[str]:
     return [m for m in MECHANISMS if m in present] + [m for m in present if m not in MECHANISMS]
 
 
-def summarize(t: pd.DataFrame, by: list[str], seed: int) -> pd.DataFrame:
-    """Median and bootstrap CI per group of a tidy table's `value` column."""
+def summarize(t: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Median and the exact order-statistic interval (with its level) per group."""
     if t.empty:
-        return pd.DataFrame(columns=[*by, "n", "median", "ci_low", "ci_high"])
+        return pd.DataFrame(columns=[*by, "n", "median", "ci_low", "ci_high", "level"])
     codes, keys = pd.factorize(pd.MultiIndex.from_frame(t[by]))
-    g = group_stats(t["value"].to_numpy(float), codes, len(keys), method="bootstrap", seed=seed)
+    g = group_stats(t["value"].to_numpy(float), codes, len(keys))
     out = pd.DataFrame(list(keys), columns=by)
     out["n"], out["median"], out["ci_low"], out["ci_high"] = g.n, g.median, g.ci_low, g.ci_high
+    out["level"] = g.ci_level
     return out
 
 
-def latency_vs_size(t: pd.DataFrame, path: Path, seed: int) -> Path | None:
-    data = t[(t.metric == "latency_guest_s") & (t.outcome == "ok")]
+def _level_note(s: pd.DataFrame) -> str:
+    levels = sorted({round(float(x) * 100) for x, n in zip(s.level, s.n, strict=True) if n > 1})
+    return "interval levels " + ", ".join(f"{x}%" for x in levels) if levels else "n = 1"
+
+
+def latency_vs_size(t: pd.DataFrame, path: Path) -> Path | None:
+    data = t[t.metric == "latency_guest_s"]
     if data.empty:
         return None
     _style()
-    s = summarize(data, ["direction", "mechanism", "workload", "size_mib"], seed)
+    s = summarize(data, ["direction", "mechanism", "cond", "size_mib"])
     directions = [d for d in ("shrink", "grow") if d in set(s.direction)]
     fig, axes = plt.subplots(1, len(directions), figsize=(5.2 * len(directions), 4.2))
     axes = np.atleast_1d(axes)
@@ -86,7 +97,7 @@ def latency_vs_size(t: pd.DataFrame, path: Path, seed: int) -> Path | None:
         for i, mech in enumerate(mechs):
             # Spread mechanisms a little along x so equal sizes do not hide each other.
             nudge = 1.0 + 0.06 * (i - (len(mechs) - 1) / 2)
-            for workload, rows in part[part.mechanism == mech].groupby("workload"):
+            for cond, rows in part[part.mechanism == mech].groupby("cond"):
                 rows = rows.sort_values("size_mib")
                 err = np.vstack([rows["median"] - rows.ci_low, rows.ci_high - rows["median"]])
                 ax.errorbar(
@@ -94,16 +105,16 @@ def latency_vs_size(t: pd.DataFrame, path: Path, seed: int) -> Path | None:
                     rows["median"],
                     yerr=np.clip(err, 0, None),
                     color=colours([mech])[mech],
-                    marker=MARKERS.get(str(workload), "o"),
+                    marker=MARKERS.get(str(cond).split(": ")[-1].split()[0], "o"),
                     linestyle="-" if len(rows) > 1 else "none",
                     capsize=3,
-                    label=f"{mech}, {workload}",
+                    label=f"{mech}, {cond}",
                 )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(f"{direction}: request to guest-visible completion")
         ax.set_xlabel("size of the step (MiB, log)")
-        ax.set_ylabel("latency (s, log); median and 95% CI")
+        ax.set_ylabel(f"latency (s, log); median and interval\n({_level_note(part)})")
         sizes = sorted(set(part.size_mib))
         ax.set_xticks(sizes, [f"{x:g}" for x in sizes])
         ax.minorticks_off()
@@ -114,15 +125,16 @@ def latency_vs_size(t: pd.DataFrame, path: Path, seed: int) -> Path | None:
     return _save(fig, path)
 
 
-def representative_cells(cells: list[dict[str, Any]]) -> dict[str, tuple[dict[str, Any], int]]:
-    """Per mechanism, the shrink whose latency is the median of its scenario (the first
+def representative_cells(cells: list[CellRecord]) -> dict[str, tuple[CellRecord, int]]:
+    """Per mechanism, the ok shrink whose latency is the median of its scenario (the first
     scenario with a workload if any, else idle): (cell, step index)."""
-    candidates: dict[tuple[str, str], list[tuple[float, dict[str, Any], int]]] = {}
-    for r in resizes(cells):
-        if r.cell.get("status") == "ok" and r.direction == "shrink":
-            latency = r.step.get("guest_latency_s") or r.step.get("host_latency_s") or 0.0
-            candidates.setdefault((r.mechanism, r.workload), []).append((latency, r.cell, r.index))
-    chosen: dict[str, tuple[dict[str, Any], int]] = {}
+    candidates: dict[tuple[str, str], list[tuple[float, CellRecord, int]]] = {}
+    for cell, k, step in resize_steps(cells):
+        if step.direction == "shrink":
+            latency = step.guest_latency_s or step.host_latency_s or 0.0
+            key = (cell.mechanism.label, cell.condition.workload)
+            candidates.setdefault(key, []).append((latency, cell, k))
+    chosen: dict[str, tuple[CellRecord, int]] = {}
     for (mech, _workload), items in sorted(candidates.items(), key=lambda kv: kv[0][1] == "idle"):
         if mech in chosen:
             continue
@@ -132,7 +144,7 @@ def representative_cells(cells: list[dict[str, Any]]) -> dict[str, tuple[dict[st
     return chosen
 
 
-def time_series(cells: list[dict[str, Any]], load: LoadSeries, path: Path) -> Path | None:
+def time_series(cells: list[CellRecord], load: LoadSeries, path: Path) -> Path | None:
     chosen = representative_cells(cells)
     if not chosen:
         return None
@@ -156,7 +168,7 @@ def time_series(cells: list[dict[str, Any]], load: LoadSeries, path: Path) -> Pa
     for mech in ordered(chosen):
         cell, k = chosen[mech]
         try:
-            series = load(cell.get("cell", f"{cell['scenario']}-r{cell['repeat']}"), k)
+            series = load(cell.cell, k)
         except (OSError, KeyError):
             continue
         t0 = int(series["t_request_ns"])
@@ -167,7 +179,7 @@ def time_series(cells: list[dict[str, Any]], load: LoadSeries, path: Path) -> Pa
                 (series[tkey] - t0) / 1e9, value(series), color=colours([mech])[mech], label=mech
             )
             ax.set_ylabel(label, fontsize=9)
-        titles.append(f"{mech}: {cell['scenario']} r{cell['repeat']}")
+        titles.append(f"{mech}: {cell.scenario} r{cell.repeat}")
     if not titles:
         plt.close(fig)
         return None
@@ -211,21 +223,25 @@ def rss_vs_requested(t: pd.DataFrame, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def _frag_rows(cells: list[dict[str, Any]]) -> pd.DataFrame:
+def _frag_rows(cells: list[CellRecord]) -> pd.DataFrame:
     rows = []
-    for r in resizes(cells):
-        frag: dict[str, Any] = r.guest.get("fragmentation") or {}
-        zone = main_zone(frag) if r.direction == "shrink" else None
+    for cell, _, step in resize_steps(cells):
+        g = step.cost.guest
+        if g is None or step.direction != "shrink":
+            continue
+        zone = next((z for z in g.fragmentation if z.endswith("/" + FRAGMENTATION_ZONE)), None)
         if zone is None:
             continue
-        for when in ("before", "after"):
-            values = frag[zone].get(f"unusable_milli_{when}") or []
-            for order, v in enumerate(values):
-                rows.append((r.mechanism, r.workload, zone, when, order, v / 1000))
+        frag = g.fragmentation[zone]
+        label = f"{cell.condition.workload_label}"
+        for when, values in (("before", frag.unusable_milli_before),
+                             ("after", frag.unusable_milli_after)):  # fmt: skip
+            for order, v in enumerate(values or []):
+                rows.append((cell.mechanism.label, label, zone, when, order, v / 1000))
     return pd.DataFrame(rows, columns=["mechanism", "workload", "zone", "when", "order", "index"])
 
 
-def fragmentation(cells: list[dict[str, Any]], path: Path) -> Path | None:
+def fragmentation(cells: list[CellRecord], path: Path) -> Path | None:
     rows = _frag_rows(cells)
     if rows.empty:
         return None
@@ -256,21 +272,26 @@ def fragmentation(cells: list[dict[str, Any]], path: Path) -> Path | None:
                 ax.set_ylabel("unusable free space index")
             ax.axvline(9, color="grey", linewidth=0.6, linestyle=":")
     axes[0][0].legend(fontsize=8, title="around the shrink")
-    fig.suptitle("guest fragmentation of the main zone before and after a shrink (median)")
+    fig.suptitle(
+        f"guest fragmentation of the {FRAGMENTATION_ZONE} zone before and after a shrink (median)"
+    )
     return _save(fig, path)
 
 
-def _watermark_rows(cells: list[dict[str, Any]]) -> pd.DataFrame:
+def _watermark_rows(cells: list[CellRecord]) -> pd.DataFrame:
     rows = []
-    for r in resizes(cells):
-        for zone, z in (r.guest.get("watermarks") or {}).items():
+    for cell, _, step in resize_steps(cells):
+        g = step.cost.guest
+        for zone, z in (g.watermarks if g else {}).items():
             for level in ("min", "low", "high"):
-                change = (z[level][1] - z[level][0]) * 4
-                rows.append((r.mechanism, r.direction, zone.split("/")[-1], level, change))
+                before, after = getattr(z, level)
+                change = (after - before) * 4
+                rows.append((cell.mechanism.label, step.direction, zone.split("/")[-1], level,
+                             change))  # fmt: skip
     return pd.DataFrame(rows, columns=["mechanism", "direction", "zone", "level", "change_kib"])
 
 
-def watermarks(cells: list[dict[str, Any]], path: Path) -> Path | None:
+def watermarks(cells: list[CellRecord], path: Path) -> Path | None:
     rows = _watermark_rows(cells)
     if rows.empty:
         return None
@@ -300,7 +321,7 @@ def watermarks(cells: list[dict[str, Any]], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def workload_impact(t: pd.DataFrame, path: Path, seed: int) -> Path | None:
+def workload_impact(t: pd.DataFrame, path: Path) -> Path | None:
     data = t[t.metric.isin(["workload_slowdown", "workload_longest_stall_ms"])]
     if data.empty:
         return None
@@ -314,25 +335,20 @@ def workload_impact(t: pd.DataFrame, path: Path, seed: int) -> Path | None:
         ],
         strict=True,
     ):
-        part = data[data.metric == metric]
-        if part.empty:
+        s = summarize(data[data.metric == metric], ["step", "mechanism"])
+        if s.empty:
             ax.set_visible(False)
             continue
-        sns.pointplot(
-            data=part,
-            x="step",
-            y="value",
-            hue="mechanism",
-            hue_order=ordered(part.mechanism),
-            palette=colours(data.mechanism),
-            estimator="median",
-            errorbar=("ci", 95),
-            seed=seed,
-            dodge=0.3 if part.mechanism.nunique() > 1 else False,
-            linestyle="none",
-            ax=ax,
-        )
-        ax.set_ylabel(label)
+        steps = list(dict.fromkeys(s.step))
+        mechs = ordered(s.mechanism)
+        for i, mech in enumerate(mechs):
+            rows = s[s.mechanism == mech]
+            x = np.array([steps.index(v) for v in rows.step]) + 0.12 * (i - (len(mechs) - 1) / 2)
+            err = np.vstack([rows["median"] - rows.ci_low, rows.ci_high - rows["median"]])
+            ax.errorbar(x, rows["median"], yerr=np.clip(err, 0, None), fmt="o", capsize=3,
+                        color=colours([mech])[mech], label=mech)  # fmt: skip
+        ax.set_xticks(range(len(steps)), steps)
+        ax.set_ylabel(f"{label}\nmedian and interval ({_level_note(s)})")
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
     fig.suptitle("what the workload felt (impact probe: pages touched per second)")

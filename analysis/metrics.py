@@ -1,17 +1,33 @@
-"""One tidy table of per-resize metrics, the single view every statistic and figure reads.
+"""One tidy table of per-step metrics: the single view the report, `dynamem compare`, asv
+and the runner's summary all read.
 
-A row is one metric of one measured resize step of one cell. Keeping the extraction here
-(and not in each consumer) is what lets the report, `dynamem compare` and asv agree on
-what "shrink latency" or "RSS reclaimed" means.
+A row is one metric of one measured resize step of one cell, labelled with everything a
+reader needs to keep it in context: the cell's status, the step's outcome, the mechanism
+and every field of the experimental condition (`dynamem.record.Condition`). Failed cells
+keep rows too, including one `succeeded = 0` row for each resize the cell never reached,
+so a failure is always counted.
+
+The one rule every consumer applies (`usable`): cost and latency figures come only from
+`ok` steps of `ok` cells; failure and partial shares come from all rows (`outcome_counts`)
+and are shown beside every figure they qualify. A resize that did less work looks faster,
+so anything else would bias a comparison towards the failing mechanism.
 """
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import pandas as pd
 
+from dynamem.record import CellRecord, ResizeStep
+from dynamem.units import parse_size
+
 MiB = 2**20
+# Fragmentation is compared in one zone every x86-64 guest here has, so a balloon guest
+# (Normal present) and a hotplug guest (Movable) are measured in the same place.
+FRAGMENTATION_ZONE = "DMA32"
+
+Getter = Callable[[CellRecord, ResizeStep], float | None]
 
 
 @dataclass(frozen=True)
@@ -20,127 +36,222 @@ class Metric:
     label: str  # what a reader sees on an axis or in a table
     unit: str
     better: Literal["lower", "higher", "none"]  # "none": a change in either direction matters
-    get: Callable[[dict[str, Any]], float | None]
+    get: Getter
+    # Absolute change below which this metric cannot tell two runs apart (a page count
+    # moves by hundreds on an idle guest, a share in steps of one cell).
+    resolution: float
+    kind: Literal["cost", "outcome"] = "cost"  # outcome metrics count every step
 
 
-def _figure(
-    *path: str, scale: float = 1.0, only: str | None = None
-) -> Callable[[dict[str, Any]], float | None]:
-    def get(step: dict[str, Any]) -> float | None:
-        if only is not None and step.get("direction") != only:
-            return None
-        node: Any = step.get("figures", {})
-        for key in path:
-            if not isinstance(node, dict) or node.get(key) is None:
-                return None
-            node = node[key]
-        return float(node) * scale
+def _f(value: float | int | None, scale: float = 1.0) -> float | None:
+    return None if value is None else float(value) * scale
+
+
+def _only(direction: str, get: Getter) -> Getter:
+    def wrapped(cell: CellRecord, step: ResizeStep) -> float | None:
+        return get(cell, step) if step.direction == direction else None
+
+    return wrapped
+
+
+def _guest(field: str) -> Getter:
+    def get(cell: CellRecord, step: ResizeStep) -> float | None:
+        g = step.cost.guest
+        return None if g is None else _f(getattr(g, field))
 
     return get
 
 
-def _field(key: str, scale: float = 1.0) -> Callable[[dict[str, Any]], float | None]:
-    def get(step: dict[str, Any]) -> float | None:
-        value = step.get(key)
-        return None if value is None else float(value) * scale
-
-    return get
+def _rss_reclaimed_mib(cell: CellRecord, step: ResizeStep) -> float | None:
+    h = step.cost.host
+    return None if h is None else h.rss_reclaimed_bytes / MiB
 
 
-def _rss_reclaimed_share(step: dict[str, Any]) -> float | None:
-    """Host RSS given back per byte removed (shrinks only): 1.0 means all of it."""
-    reclaimed = step.get("figures", {}).get("host", {}).get("rss_reclaimed_bytes")
-    if step.get("direction") != "shrink" or reclaimed is None or not step.get("requested_bytes"):
+def _rss_reclaimed_share(cell: CellRecord, step: ResizeStep) -> float | None:
+    """Host RSS given back per byte removed: 1.0 means all of it."""
+    h = step.cost.host
+    if h is None or not step.requested_bytes:
         return None
-    return float(reclaimed) / abs(float(step["requested_bytes"]))
+    return h.rss_reclaimed_bytes / abs(step.requested_bytes)
 
 
-def main_zone(zones: dict[str, Any]) -> str | None:
-    """The zone most of the guest's kernel memory lives in (Normal, else DMA32)."""
-    for suffix in ("/Normal", "/DMA32"):
-        for name in zones:
-            if name.endswith(suffix):
-                return name
-    return None
+def _rss_settle_s(cell: CellRecord, step: ResizeStep) -> float | None:
+    h = step.cost.host
+    return None if h is None else h.rss_settle_s
 
 
-def _unusable_order9_change(step: dict[str, Any]) -> float | None:
-    frag = step.get("figures", {}).get("guest", {}).get("fragmentation", {})
-    zone = main_zone(frag)
+def _unusable_order9_change(cell: CellRecord, step: ResizeStep) -> float | None:
+    g = step.cost.guest
+    if g is None:
+        return None
+    zone = next((z for z in g.fragmentation if z.endswith("/" + FRAGMENTATION_ZONE)), None)
     if zone is None:
         return None
-    before, after = frag[zone].get("unusable_order9", [None, None])
-    return None if before is None or after is None else float(after - before) / 1000
+    before, after = g.fragmentation[zone].unusable_order9
+    return None if before is None or after is None else (after - before) / 1000
 
 
-def _watermark_change_kib(step: dict[str, Any]) -> float | None:
+def _watermark_change_kib(cell: CellRecord, step: ResizeStep) -> float | None:
     """Sum over zones of the `high` watermark's change, in KiB (4 KiB pages)."""
-    marks = step.get("figures", {}).get("guest", {}).get("watermarks")
-    if not marks:
+    g = step.cost.guest
+    if g is None or not g.watermarks:
         return None
-    return float(sum(z["high"][1] - z["high"][0] for z in marks.values()) * 4)
+    return float(sum(z.high[1] - z.high[0] for z in g.watermarks.values()) * 4)
 
 
-def _memtotal_error_mib(step: dict[str, Any]) -> float | None:
-    seen, asked = step.get("guest_memtotal_delta_bytes"), step.get("requested_bytes")
-    if seen is None or asked is None:
-        return None
-    return float(seen - asked) / MiB
+def _memtotal_error_mib(cell: CellRecord, step: ResizeStep) -> float | None:
+    seen = step.guest_memtotal_delta_bytes
+    return None if seen is None else (seen - step.requested_bytes) / MiB
 
 
-def _anon_huge_change_mib(step: dict[str, Any]) -> float | None:
-    host = step.get("figures", {}).get("host", {})
-    if host.get("anon_huge_before_kb") is None or host.get("anon_huge_after_kb") is None:
-        return None
-    return float(host["anon_huge_after_kb"] - host["anon_huge_before_kb"]) / 1024
+def _anon_huge_change_mib(cell: CellRecord, step: ResizeStep) -> float | None:
+    h = step.cost.host
+    return None if h is None else (h.anon_huge_after_kb - h.anon_huge_before_kb) / 1024
 
 
-def _succeeded(step: dict[str, Any]) -> float:
-    return 1.0 if step.get("outcome") == "ok" else 0.0
+def _workload(field: str) -> Getter:
+    def get(cell: CellRecord, step: ResizeStep) -> float | None:
+        w = step.cost.workload
+        return None if w is None else _f(getattr(w, field))
+
+    return get
+
+
+def _memtotal_start_mib(cell: CellRecord, step: ResizeStep) -> float | None:
+    kb = cell.context.memtotal_start_kb if cell.context else None
+    return None if kb is None else kb / 1024
+
+
+def _succeeded(cell: CellRecord, step: ResizeStep) -> float:
+    return 1.0 if cell.ok and step.outcome == "ok" else 0.0
 
 
 METRICS: dict[str, Metric] = {
     m.name: m
     for m in [
-        Metric("latency_host_s", "host-side latency", "s", "lower", _field("host_latency_s")),
-        Metric("latency_guest_s", "guest-visible latency", "s", "lower", _field("guest_latency_s")),
-        Metric("succeeded", "outcome ok", "share", "higher", _succeeded),
+        Metric("latency_host_s", "host-side latency", "s", "lower",
+               lambda c, s: s.host_latency_s, 0.002),
+        Metric("latency_guest_s", "guest-visible latency", "s", "lower",
+               lambda c, s: s.guest_latency_s, 0.002),
+        Metric("succeeded", "ok step of an ok cell", "share", "higher", _succeeded, 0.0,
+               kind="outcome"),
         Metric("rss_reclaimed_mib", "host RSS reclaimed", "MiB", "higher",
-               _figure("host", "rss_reclaimed_bytes", scale=1 / MiB, only="shrink")),
+               _only("shrink", _rss_reclaimed_mib), 1.0),
         Metric("rss_reclaimed_share", "host RSS reclaimed / removed", "share", "higher",
-               _rss_reclaimed_share),
+               _only("shrink", _rss_reclaimed_share), 0.02),
         Metric("rss_settle_s", "time until host RSS settled", "s", "lower",
-               _figure("host", "rss_settle_s", only="shrink")),
+               _only("shrink", _rss_settle_s), 0.05),
         Metric("swap_out_pages", "guest swap-out", "pages", "lower",
-               _figure("guest", "swap_out_pages")),
-        Metric("swap_in_pages", "guest swap-in", "pages", "lower",
-               _figure("guest", "swap_in_pages")),
+               _guest("swap_out_pages"), 256),
+        Metric("swap_in_pages", "guest swap-in", "pages", "lower", _guest("swap_in_pages"), 256),
         Metric("pages_migrated", "pages migrated", "pages", "lower",
-               _figure("guest", "pages_migrated")),
+               _guest("pages_migrated"), 256),
         Metric("migrations_failed", "page migrations failed", "pages", "lower",
-               _figure("guest", "migrations_failed")),
+               _guest("migrations_failed"), 16),
         Metric("compaction_stalls", "compaction stalls", "count", "lower",
-               _figure("guest", "compaction_stalls")),
-        Metric("oom_kills", "guest OOM kills", "count", "lower", _figure("guest", "oom_kills")),
-        Metric("unusable_order9_change", "unusable free space index, order 9, change",
-               "index", "lower", _unusable_order9_change),
+               _guest("compaction_stalls"), 2),
+        Metric("oom_kills", "guest OOM kills", "count", "lower", _guest("oom_kills"), 1),
+        Metric("unusable_order9_change",
+               f"unusable free space index, order 9, {FRAGMENTATION_ZONE} zone, change",
+               "index", "lower", _unusable_order9_change, 0.02),
         Metric("watermark_high_change_kib", "zone high watermarks, change", "KiB", "none",
-               _watermark_change_kib),
+               _watermark_change_kib, 64),
         Metric("anon_huge_change_mib", "QEMU AnonHugePages change", "MiB", "higher",
-               _anon_huge_change_mib),
+               _anon_huge_change_mib, 2),
         Metric("memtotal_error_mib", "guest MemTotal change minus request", "MiB", "none",
-               _memtotal_error_mib),
+               _memtotal_error_mib, 1),
+        Metric("memtotal_start_mib", "guest MemTotal when the steps start", "MiB", "none",
+               _memtotal_start_mib, 1),
         Metric("workload_longest_stall_ms", "workload's longest stall", "ms", "lower",
-               _figure("workload", "longest_stall_ms")),
+               _workload("longest_stall_ms"), 5),
         Metric("workload_slowdown", "workload slowdown during the resize", "x", "lower",
-               _figure("workload", "slowdown")),
+               _workload("slowdown"), 0.05),
     ]
 }  # fmt: skip
 
+CONDITION_COLUMNS = [
+    "accel", "cpu_model", "cpus", "memory_mib", "workload", "workload_mib", "touch_mib",
+    "swap", "swap_mib", "memhp", "kernel_args", "warmup", "observer", "start", "steps",
+]  # fmt: skip
 ROW_KEYS = [
-    "run_id", "scenario", "mechanism", "variant", "workload", "repeat", "step_index", "step",
+    "run_id", "cell", "scenario", "repeat", "cell_status", "mechanism", "variant",
+    *CONDITION_COLUMNS, "condition", "workload_label", "reproduces", "step_index", "step",
     "direction", "size_mib", "outcome", "metric", "value",
 ]  # fmt: skip
+NOT_RUN = "not run"  # the outcome of a resize a failed cell never reached
+
+
+def _planned_resizes(cell: CellRecord) -> Iterator[tuple[int, str, str, float]]:
+    """(index, label, direction, MiB) of every resize the scenario's steps hold."""
+    for k, label in enumerate(cell.condition.steps):
+        words = label.split()
+        if len(words) == 2 and words[0] in ("shrink", "grow"):
+            yield k, label, words[0], parse_size(words[1]) / MiB
+
+
+def tidy(cells: Iterable[CellRecord], run_id: str = "") -> pd.DataFrame:
+    """Rows for every metric a resize step has (missing figures give no row), for every
+    cell, failed ones included; a resize a failed cell never reached gives one
+    `succeeded = 0` row with the outcome `not run`."""
+    rows: list[tuple[object, ...]] = []
+    for cell in cells:
+        c = cell.condition
+        head = (
+            run_id, cell.cell, cell.scenario, cell.repeat, cell.status, cell.mechanism.label,
+            cell.mechanism.variant, c.accel, c.cpu_model, c.cpus, c.memory / MiB, c.workload,
+            c.workload_size / MiB, c.touch / MiB, c.swap, c.swap_size / MiB,
+            c.memhp_default_state, " ".join(c.kernel_args), c.warmup, c.observer, c.start,
+            ", ".join(c.steps), c.describe(), c.workload_label, cell.reproduces or "",
+        )  # fmt: skip
+        recorded = dict(cell.resizes())
+        for k, label, direction, size in _planned_resizes(cell):
+            step = recorded.pop(k, None)
+            if step is None:
+                rows.append((*head, k, label, direction, size, NOT_RUN, "succeeded", 0.0))
+                continue
+            key = (*head, k, step.step or label, step.direction,
+                   abs(step.requested_bytes) / MiB, step.outcome)  # fmt: skip
+            for metric in METRICS.values():
+                value = metric.get(cell, step)
+                if value is not None:
+                    rows.append((*key, metric.name, value))
+        for k, step in recorded.items():  # a step the condition does not list (never expected)
+            rows.append((*head, k, step.step, step.direction, abs(step.requested_bytes) / MiB,
+                         step.outcome, "succeeded", _succeeded(cell, step)))  # fmt: skip
+    return pd.DataFrame(rows, columns=ROW_KEYS)
+
+
+def usable(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows cost and latency statistics may use: ok steps of ok cells, cost metrics."""
+    if table.empty:
+        return table
+    cost = table["metric"].map(lambda m: METRICS[m].kind == "cost")
+    return table[(table["cell_status"] == "ok") & (table["outcome"] == "ok") & cost]
+
+
+STEP_KEYS = ["scenario", "step_index", "step"]
+
+
+def outcome_counts(table: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
+    """Per group (default: scenario and step): n resizes, how many were usable (`ok`), and
+    how many of each other outcome; failed cells' steps counted as `cell_failed`."""
+    keys = by or STEP_KEYS
+    cols = [*keys, "n", "ok", "partial", "refused", "timeout", "unsupported", "error",
+            "skipped", "cell_failed", "share"]  # fmt: skip
+    if table.empty:
+        return pd.DataFrame(columns=cols)
+    steps = table[table["metric"] == "succeeded"].copy()
+    # A failed cell's steps count as `cell_failed`, whatever their own outcome (or none).
+    steps["what"] = steps["outcome"].where(steps["cell_status"] == "ok", "cell_failed")
+    counts = pd.crosstab([steps[k] for k in keys], steps["what"])
+    out = counts.reindex(columns=cols[len(keys) + 1 : -1], fill_value=0)
+    out.insert(0, "n", counts.sum(axis=1))
+    out["share"] = out["ok"] / out["n"]
+    return out.reset_index()[cols]
+
+
+def share_text(ok: int, n: int) -> str:
+    return f"{ok}/{n} ok"
 
 
 def variant_label(mechanism: str, variant: str | None) -> str:
@@ -148,75 +259,22 @@ def variant_label(mechanism: str, variant: str | None) -> str:
     return mechanism if not variant or variant == "default" else f"{mechanism}/{variant}"
 
 
-@dataclass(frozen=True)
-class Resize:
-    """One measured resize step with what every view keys on, defaults filled in."""
-
-    cell: dict[str, Any]
-    index: int  # the step's position in the cell
-    step: dict[str, Any]
-
-    @property
-    def mechanism(self) -> str:
-        mech = self.step.get("mechanism") or self.cell.get("mechanism", "?")
-        return variant_label(str(mech), self.step.get("variant"))
-
-    @property
-    def workload(self) -> str:
-        return str(self.cell.get("workload", "idle"))
-
-    @property
-    def direction(self) -> str:
-        return str(self.step.get("direction", ""))
-
-    @property
-    def label(self) -> str:
-        return str(self.step.get("step", f"step {self.index}"))
-
-    @property
-    def guest(self) -> dict[str, Any]:
-        figures = self.step.get("figures") or {}
-        return figures.get("guest") or {}
-
-
-def resizes(cells: Iterable[dict[str, Any]]) -> Iterator[Resize]:
-    for cell in cells:
-        for k, step in enumerate(cell.get("steps") or []):
-            if isinstance(step, dict) and step.get("kind") == "resize":
-                yield Resize(cell, k, step)
-
-
-def tidy(cells: Iterable[dict[str, Any]], run_id: str = "") -> pd.DataFrame:
-    """Rows for every metric a resize step has (missing figures give no row)."""
-    rows: list[tuple[Any, ...]] = []
-    for r in resizes(cells):
-        step = r.step
-        key = (
-            run_id,
-            r.cell["scenario"],
-            r.mechanism,
-            step.get("variant") or "default",
-            r.workload,
-            r.cell["repeat"],
-            r.index,
-            r.label,
-            r.direction,
-            abs(step.get("requested_bytes") or 0) / MiB,
-            step.get("outcome", ""),
-        )
-        for metric in METRICS.values():
-            value = metric.get(step)
-            if value is not None:
-                rows.append((*key, metric.name, value))
-    return pd.DataFrame(rows, columns=ROW_KEYS)
-
-
-def cell_outcomes(cells: Iterable[dict[str, Any]]) -> pd.DataFrame:
+def cell_outcomes(cells: Iterable[CellRecord]) -> pd.DataFrame:
     """One row per cell: status and error, so failed cells are counted, never dropped."""
     return pd.DataFrame(
-        [
-            (c["scenario"], c.get("mechanism", ""), c["repeat"], c["status"], c.get("error", ""))
-            for c in cells
-        ],
+        [(c.scenario, c.mechanism.label, c.repeat, c.status, c.error) for c in cells],
         columns=["scenario", "mechanism", "repeat", "status", "error"],
     )
+
+
+def resize_steps(
+    cells: Iterable[CellRecord], *, usable_only: bool = True
+) -> Iterator[tuple[CellRecord, int, ResizeStep]]:
+    """(cell, index, step) of every resize, by default only ok steps of ok cells (what a
+    figure drawn from records rather than the table may show)."""
+    for cell in cells:
+        if usable_only and not cell.ok:
+            continue
+        for k, step in cell.resizes():
+            if not usable_only or step.outcome == "ok":
+                yield cell, k, step

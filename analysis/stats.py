@@ -222,13 +222,14 @@ def hodges_lehmann(
     if m * n <= 10_000:
         cdf = np.cumsum(u_null_pmf(m, n))
         k = int(np.searchsorted(cdf, alpha / 2, side="right"))  # P(U <= k-1) <= alpha/2
-        level = 1 - 2 * (cdf[k - 1] if k >= 1 else 0.0)
+        # Too few values for the asked level: the widest interval [D_(1), D_(mn)], whose
+        # real level is 1 - 2 P(U = 0) = 1 - 2 / C(m + n, m), never 100%.
+        k = max(k, 1)
+        level = 1 - 2 * cdf[k - 1]
     else:
         z = stats.norm.ppf(1 - alpha / 2)
-        k = int(np.floor(m * n / 2 - z * np.sqrt(m * n * (m + n + 1) / 12)))
+        k = max(int(np.floor(m * n / 2 - z * np.sqrt(m * n * (m + n + 1) / 12))), 1)
         level = confidence
-    if k < 1:  # too few values for the asked level: the widest interval, honestly labelled
-        return shift, float(diffs[0]), float(diffs[-1]), 1.0
     return shift, float(diffs[k - 1]), float(diffs[m * n - k]), float(level)
 
 

@@ -1,82 +1,183 @@
-"""Compare verdicts on synthetic tables, and a report built from records of a real run."""
+"""`dynamem compare` and the report on real and typed records: failures and partial resizes
+never inside a latency, conditions never pooled, intervals labelled with their real level."""
 
-import json
-from pathlib import Path
+import shutil
 
 import numpy as np
-import pandas as pd
 import pytest
+from dynamem.analysis.compare import (
+    Thresholds,
+    check_comparable,
+    compare_tables,
+    condition_mismatch,
+    regressed,
+)
+from dynamem.analysis.metrics import tidy
+from dynamem.analysis.report import build_report, median_interval
 
-from dynamem.analysis.compare import Thresholds, check_comparable, compare_tables, regressed
-from dynamem.analysis.report import build_report
 from dynamem.errors import UserError
 from dynamem.store import RunStore
 
-FIXTURES = Path(__file__).parents[1] / "fixtures"
+from .records import FORMAT1_QUICK, condition, fixture_cell, quick_pair, run_record
 
 
-def table(latencies, metric="latency_guest_s"):
-    return pd.DataFrame(
-        {
-            "scenario": "s",
-            "step_index": 0,
-            "step": "shrink 256M",
-            "metric": metric,
-            "value": latencies,
-        }  # fmt: skip
-    )
+def run_of(latencies, *, fail=(), mech="balloon", variant="default", scenario="s", cond=None):
+    """One scenario's cells: shrink latencies per repeat; repeats in `fail` time out."""
+    return [
+        quick_pair(
+            scenario,
+            k + 1,
+            lat,
+            mechanism=mech,
+            variant=variant,
+            shrink_outcome="timeout" if k in fail else "ok",
+            cond=cond,
+        )  # fmt: skip
+        for k, lat in enumerate(latencies)
+    ]
+
+
+def verdicts(table, metric="latency_guest_s", step="shrink 256M"):
+    rows = table[(table.metric == metric) & (table.step == step)]
+    return rows["verdict"].tolist()
+
+
+BASE = [1.00, 1.02, 0.98, 1.01, 0.99]
 
 
 def test_same_numbers_are_no_change_and_a_doubling_is_slower():
-    rng = np.random.default_rng(1)
-    base = 1.0 + 0.03 * rng.standard_normal(5)
-    same = compare_tables(table(base), table(base * (1 + 0.01 * rng.standard_normal(5))))
-    assert same["verdict"].tolist() == ["no significant change"] and not regressed(same)
-    slow = compare_tables(table(base), table(2 * base))
-    assert slow["verdict"].tolist() == ["slower"] and regressed(slow)
-    assert slow["ratio"].iloc[0] == pytest.approx(2.0)
-    assert slow["ci_low"].iloc[0] < 2.0 < slow["ci_high"].iloc[0]
-    fast = compare_tables(table(base), table(base / 2))
-    assert fast["verdict"].tolist() == ["faster"] and not regressed(fast)
+    same, missing = compare_tables(tidy(run_of(BASE)), tidy(run_of([x * 1.01 for x in BASE])))
+    assert verdicts(same) == ["no significant change"] and not regressed(same, missing)
+    slow, missing = compare_tables(tidy(run_of(BASE)), tidy(run_of([2 * x for x in BASE])))
+    assert verdicts(slow) == ["slower"] and regressed(slow, missing)
+    row = slow[(slow.metric == "latency_guest_s") & (slow.step == "shrink 256M")].iloc[0]
+    assert row.ratio == pytest.approx(2.0) and row.ci_low < 2.0 < row.ci_high
+
+
+def test_two_timeouts_of_five_fail_the_comparison_and_name_the_scenario():
+    """The issue's case: B's shrinks time out in 2 of 5 cells. Their (shorter) latencies
+    never enter the comparison; the success share does, and it dropped."""
+    a = tidy(run_of(BASE, scenario="virtio-mem-stress"))
+    b = tidy(run_of([0.3, 1.0, 0.2, 1.01, 0.99], fail=(0, 2), scenario="virtio-mem-stress"))
+    table, missing = compare_tables(a, b)
+    share = table[(table.metric == "succeeded") & (table.step == "shrink 256M")].iloc[0]
+    assert share.verdict == "worse" and share.note == "5/5 -> 3/5"
+    assert share.scenario == "virtio-mem-stress"
+    lat = table[(table.metric == "latency_guest_s") & (table.step == "shrink 256M")].iloc[0]
+    assert lat.n_b == 3  # the timed-out resizes are not in it
+    assert regressed(table, missing)
+
+
+def test_a_scenario_or_metric_a_has_and_b_lacks_is_named():
+    a = tidy(run_of(BASE) + run_of(BASE, scenario="t"))
+    b_cells = run_of(BASE, fail=(0, 1, 2, 3, 4))
+    table, missing = compare_tables(a, tidy(b_cells))
+    assert any(m.startswith("t step 0 (shrink 256M): in A (5/5 ok), missing in B") for m in missing)
+    assert any("metric latency_guest_s in A (5 values), none usable in B" in m for m in missing)
+    assert regressed(table, missing)
+
+
+def test_metrics_with_zeros_and_negatives_are_compared_not_skipped():
+    a = run_of(BASE)
+    b = run_of(BASE)
+    for cell in a:
+        cell.steps[0].cost.guest.pages_migrated = 0
+    for k, cell in enumerate(b):
+        cell.steps[0].cost.guest.pages_migrated = 60_000 + 100 * k
+    table, _ = compare_tables(tidy(a), tidy(b))
+    row = table[(table.metric == "pages_migrated") & (table.step == "shrink 256M")].iloc[0]
+    assert row.method == "difference" and row.verdict == "worse"
+    assert row.difference == pytest.approx(60_200) and row.ci_low > 0 and row.p_holm < 0.05
+    # A change below the metric's resolution (256 pages) is never a verdict.
+    for k, cell in enumerate(b):
+        cell.steps[0].cost.guest.pages_migrated = 10 + k
+    table, _ = compare_tables(tidy(a), tidy(b))
+    row = table[(table.metric == "pages_migrated") & (table.step == "shrink 256M")].iloc[0]
+    assert row.verdict == "no significant change"
 
 
 def test_noise_threshold_and_higher_is_better_metrics():
-    base = np.array([1.0, 1.001, 0.999, 1.0005, 0.9995])
-    small = compare_tables(table(base), table(base * 1.05), Thresholds(noise=0.10))
-    assert small["verdict"].tolist() == ["no significant change"]  # significant, but < 10%
-    share = compare_tables(table(base, "rss_reclaimed_share"),
-                           table(base / 2, "rss_reclaimed_share"))  # fmt: skip
-    assert share["verdict"].tolist() == ["worse"]
+    small, _ = compare_tables(
+        tidy(run_of(BASE)), tidy(run_of([x * 1.05 for x in BASE])), Thresholds(noise=0.10)
+    )
+    assert verdicts(small) == ["no significant change"]
 
 
-def test_counts_with_zeros_are_listed_not_tested():
-    t = compare_tables(table([0.0, 0, 0], "pages_migrated"), table([5.0, 0, 9], "pages_migrated"))
-    assert t["verdict"].tolist() == ["not compared"] and "zeros" in t["note"].iloc[0]
-
-
-def test_mixed_runs_are_refused_unless_allowed():
-    a = {"run_id": "a", "metadata": {"accel": "tcg", "qemu_version": "7.2.22"}}
-    b = {"run_id": "b", "metadata": {"accel": "kvm", "qemu_version": "7.2.22"}}
+def test_mixed_runs_and_changed_conditions_are_refused_unless_allowed():
     with pytest.raises(UserError, match="accel 'tcg' vs 'kvm'.*--allow-mixed"):
-        check_comparable(a, b, allow_mixed=False)
-    assert check_comparable(a, b, allow_mixed=True) == ["accel 'tcg' vs 'kvm'"]
+        check_comparable(["accel 'tcg' vs 'kvm'"], "a", "b", allow_mixed=False)
+    assert check_comparable(["x"], "a", "b", allow_mixed=True) == ["x"]
+    a = tidy(run_of(BASE))
+    b = tidy(run_of(BASE, cond=condition(cpu_model="qemu64")))
+    assert condition_mismatch(a, b) and "-cpu qemu64" in condition_mismatch(a, b)[0]
 
 
-def test_report_from_real_records(tmp_path):
-    run = json.loads((FIXTURES / "run-quick.json").read_text())
-    store = RunStore.create(tmp_path / "run", {k: v for k, v in run.items() if k != "format"})
-    for name in ("cell-virtio-mem-stress.json", "cell-balloon-idle.json"):
-        record = json.loads((FIXTURES / name).read_text())
-        store.write_cell(record["cell"], record, [])
-    (store.cells_dir / "broken.json").write_text("{")
+def test_median_interval_prints_its_real_level():
+    assert median_interval(np.array([1.0, 2.0, 3.0]), "s") == "2.00 s [1.00 s, 3.00 s] 75%"
+    assert median_interval(np.array([0.5]), "s") == "500 ms (n=1, no interval)"
+    assert median_interval(np.arange(1.0, 6.0), "").endswith("94%")
+
+
+def write_run(tmp_path, cells, name="run"):
+    store = RunStore.create(tmp_path / name, run_record([c.cell for c in cells]))
+    for cell in cells:
+        store.write_cell(cell)
+    return store
+
+
+def test_report_keeps_failed_and_partial_resizes_out_of_every_figure(tmp_path):
+    """Balloon shrinks: 3 ok at about 4 s; one partial at 0.3 s; one timed out at 0.2 s;
+    one cell failed after an ok 0.1 s shrink. None of the fast, failed numbers may show."""
+    cells = run_of([4.0, 4.1, 3.9, 0.3, 0.2], fail=(4,))
+    cells[3].steps[0].outcome = "partial"
+    failed = quick_pair("s", 6, 0.1, status="failed", error="workload stop: died")
+    virtio = run_of([2.0, 2.1, 1.9, 2.05, 1.95], mech="virtio-mem", variant="sbm", scenario="v")
+    store = write_run(tmp_path, [*cells, failed, *virtio])
+    md = build_report(store, tmp_path / "out")[0].read_text()
+    verdict = next(line for line in md.splitlines() if line.startswith("| shrink 256M: latency"))
+    assert "4.00 s [3.90 s, 4.10 s] 75%, 3/6 ok" in verdict
+    assert "2.00 s [1.90 s, 2.10 s] 94%, 5/5 ok" in verdict
+    shrink_lines = [x for x in md.splitlines() if "shrink" in x and "balloon" not in x[:3]]
+    for fast in ("300 ms", "200 ms", "100 ms"):
+        assert not any(fast in x and "| s |" not in x for x in shrink_lines if "3/6" in x), fast
+    q2 = next(x for x in md.splitlines() if x.startswith("| shrink 256M (C1) | balloon |"))
+    assert q2.startswith("| shrink 256M (C1) | balloon | 3/6 | 4.00 s |")
+    assert "| balloon | shrink 256M | 6 | 3 | 1 | 0 | 1 | 0 | 0 | 0 | 1 |" in md  # question 7
+    assert "`s-r6`: workload stop: died" in md
+
+
+def test_report_never_pools_unlike_conditions(tmp_path):
+    a = run_of(BASE, scenario="plain")
+    b = run_of([3 * x for x in BASE], scenario="noinit", cond=condition(
+        kernel_args=("init_on_alloc=0",)))  # fmt: skip
+    store = write_run(tmp_path, [*a, *b])
+    md = build_report(store, tmp_path / "out")[0].read_text()
+    assert "| C1 |" in md and "| C2 |" in md
+    noinit = next(x for x in md.splitlines() if "init_on_alloc=0" in x and x.startswith("| C"))
+    cid = noinit.split(" | ")[0].lstrip("| ")
+    rows = [line for line in md.splitlines() if line.startswith("| shrink 256M: latency")]
+    assert len(rows) == 2
+    assert all(("3.00 s" in r) == (f"({cid}, idle)" in r) for r in rows)
+    assert any("1.00 s" in r for r in rows)
+
+
+def test_report_of_a_real_format1_run_with_failures(tmp_path):
+    """The quick run recorded on main 115d3f6 (format 1): DIMM and virtio-mem shrinks under
+    stress stalled at 30 s; the report counts them and keeps their latencies out."""
+    shutil.copytree(FORMAT1_QUICK, tmp_path / "old")
+    store = RunStore.open(tmp_path / "old")
     md_path, html_path = build_report(store, tmp_path / "out")
     md = md_path.read_text()
-    assert "**tcg**" in md and "6.1.0-56-amd64" in md
-    assert "unreadable record broken.json" in md  # reported, never skipped silently
-    assert "| shrink latency (stress) | - | 9.90 s" in md  # no balloon under stress here
+    assert "results format 1" in md and "observer | v1-500Hz" in md
+    top = md.split("Behind the marks")[0]
+    verdict = [line for line in top.splitlines() if line.startswith("| shrink 256M: latency")]
+    assert len(verdict) == 2  # idle and stress: two conditions
+    stress = next(line for line in verdict if "stress" in line)
+    cells = stress.split(" | ")
+    assert cells[2] == "- (0/5 ok)"  # dimm: no ok stress shrink, so no latency at all
+    assert cells[3].rstrip(" |").endswith(", 2/5 ok")  # virtio-mem: the two ok ones only
     for k in range(1, 14):
         assert f"### {k}." in md
-    assert "balloon 0% of 2; virtio-mem/sbm 100% of 2" in md  # watermarks moved
     page = html_path.read_text()
     assert "<table>" in page and page.count("<img") >= 4
     for img in ("latency.png", "watermarks.png", "rss_reclaimed.png", "fragmentation.png"):
@@ -84,22 +185,39 @@ def test_report_from_real_records(tmp_path):
 
 
 def test_report_covers_impact_free_reboot_and_failed_cells(tmp_path):
-    """Records of other real cells: the impact workload, a free step (in a cell that
-    failed), a reboot; variant labels outside the main four get colours too."""
-    run = json.loads((FIXTURES / "run-quick.json").read_text())
-    store = RunStore.create(tmp_path / "run", {k: v for k, v in run.items() if k != "format"})
-    names = [
-        "cell-balloon-impact.json",
-        "cell-balloon-fpr-free-failed.json",
-        "cell-virtio-mem-reboot.json",
-        "cell-virtio-mem-stress.json",
-    ]
-    for name in names:
-        record = json.loads((FIXTURES / name).read_text())
-        store.write_cell(record["cell"], record, [])
+    """Other real format-1 cells: the impact workload, a free step (in a cell that failed),
+    a reboot; variant labels outside the main four get colours too."""
+    names = ["cell-balloon-impact.json", "cell-balloon-fpr-free-failed.json",
+             "cell-virtio-mem-reboot.json", "cell-virtio-mem-stress.json"]  # fmt: skip
+    cells = [fixture_cell(n) for n in names]
+    store = write_run(tmp_path, cells)
+    (store.cells_dir / "broken.json").write_text("{")
     md = build_report(store, tmp_path / "out")[0].read_text()
     assert "1 failed" in md and "workload stress died" in md
-    assert "`vmem-reboot-r1` (virtio-mem): host-side memory" in md
-    assert "`fpr-free-r1` (balloon): RSS released" in md
-    assert "balloon/fpr" in md
+    assert "unreadable record broken.json" in md  # reported, never skipped silently
+    assert "`vmem-reboot-r1` (virtio-mem/sbm): host-side memory" in md
+    assert "`fpr-free-r1` (balloon/fpr, cell failed): RSS released" in md
     assert (tmp_path / "out" / "impact.png").stat().st_size > 10_000
+
+
+def test_published_comparison_needs_the_papers_experiment(tmp_path):
+    store = write_run(tmp_path, run_of(BASE) + run_of(BASE, mech="virtio-mem", variant="sbm",
+                                                     scenario="v"))  # fmt: skip
+    md = build_report(store, tmp_path / "out")[0].read_text()
+    assert "This run holds no such scenario: no comparison is made." in md
+
+
+def test_published_comparison_states_a_direction_only_when_the_interval_excludes_1(tmp_path):
+    touched = condition(memory=4 << 30, touch=3 << 30, steps=("shrink 3584M", "grow 3584M"))
+    balloon = run_of([8.0, 8.2, 7.9, 8.1, 8.05], scenario="ha-b", cond=touched)
+    vmem = run_of([2.0, 2.1, 1.9, 2.05, 1.95], mech="virtio-mem", variant="sbm",
+                  scenario="ha-v", cond=touched)  # fmt: skip
+    for c in balloon + vmem:
+        c.reproduces = "hyperalloc"
+        for s in c.steps:
+            s.requested_bytes = int(np.sign(s.requested_bytes)) * (3584 << 20)
+            s.step = s.step.split()[0] + " 3584M"
+    store = write_run(tmp_path, balloon + vmem)
+    md = build_report(store, tmp_path / "out")[0].read_text()
+    line = next(x for x in md.splitlines() if x.startswith("- shrink 3584M: balloon /"))
+    assert "4.03x" in line and "the same direction as the papers" in line and "97%" in line
