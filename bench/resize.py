@@ -4,8 +4,9 @@ Importing this module (asv's discovery) only parses a suite's TOML for the param
 Guests run in `setup_cache`, once per `asv run` for all benchmarks here (they share it):
 it reads the raw run `dynamem nightly` just produced (DYNAMEM_ASV_RAW) or, when asv runs
 alone, runs the suite (DYNAMEM_ASV_SUITE, default `nightly`) through dynamem's runner.
-Every value comes from `dynamem.analysis.metrics` (see `dynamem.benchdata`); lower is
-better for all of them.
+Every value comes from `dynamem.analysis.metrics` (see `dynamem.analysis.tracks`): the
+median of the ok steps of ok cells, rounded to the metric's resolution; lower is better
+for all of them except `OkSteps`, which says how many steps each median is of.
 
 `version` is fixed so the timeline of nightlies survives edits to this file; bump it when
 a benchmark starts measuring something else.
@@ -14,7 +15,7 @@ a benchmark starts measuring something else.
 from collections.abc import Callable
 from typing import Any
 
-from dynamem import benchdata as _data
+from dynamem.analysis import tracks as _data
 
 _GRID = _data.bench_grid()
 
@@ -35,6 +36,7 @@ class _Resize:
     timeout = _data.SETUP_TIMEOUT_S  # setup_cache may boot the whole suite
     version = "1"
     track = ""
+    unit = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -45,7 +47,9 @@ class _Resize:
         return _data.load_cache()
 
     def value(self, cache: _data.Cache, mechanism: str, size: str, workload: str) -> float:
-        return _data.track_value(cache, _GRID, _data.TRACKS[self.track], mechanism, size, workload)
+        return float(
+            _data.track_value(cache, _GRID, _data.TRACKS[self.track], mechanism, size, workload)
+        )
 
 
 class ShrinkLatency(_Resize):
@@ -140,13 +144,35 @@ class ShrinkWorkloadStall(_Resize):
         return self.value(cache, mechanism, size, workload)
 
 
+class OkSteps(_Resize):
+    unit = "ok steps"
+
+    def track_ok_steps_shrink(
+        self, cache: _data.Cache, mechanism: str, size: str, workload: str
+    ) -> float:
+        """How many ok shrinks of ok cells the shrink values of this point are medians of
+        (higher is better: read the graph, asv flags only increases)."""
+        return float(_data.ok_steps(cache, _GRID, "shrink", mechanism, size, workload))
+
+    track_ok_steps_shrink.pretty_name = "Ok shrinks behind each value"  # type: ignore[attr-defined]
+
+    def track_ok_steps_grow(
+        self, cache: _data.Cache, mechanism: str, size: str, workload: str
+    ) -> float:
+        """How many ok grows of ok cells the grow values of this point are medians of."""
+        return float(_data.ok_steps(cache, _GRID, "grow", mechanism, size, workload))
+
+    track_ok_steps_grow.pretty_name = "Ok grows behind each value"  # type: ignore[attr-defined]
+
+
 class Failures(_Resize):
+    version = "2"  # 1 counted cells; 2 counts resizes (failed cells' unreached ones included)
     params = _GRID.failure_params
     param_names = [_data.PARAM_NAMES[0], _data.PARAM_NAMES[2]]
     unit = "share of cells"
 
     def track_failed_share(self, cache: _data.Cache, mechanism: str, workload: str) -> float:
-        """Share of the cells that failed or had a resize whose outcome was not ok."""
-        return _data.failure_share(cache, _GRID, mechanism, workload)
+        """Share of the resizes that were not ok steps of ok cells."""
+        return float(_data.failure_share(cache, _GRID, mechanism, workload))
 
-    track_failed_share.pretty_name = "Cells failed or not ok"  # type: ignore[attr-defined]
+    track_failed_share.pretty_name = "Resizes not ok"  # type: ignore[attr-defined]

@@ -16,7 +16,6 @@ from dynamem.units import format_size, parse_size
 
 if TYPE_CHECKING:
     from dynamem.launch import Plan
-    from dynamem.resize import ResizeResult
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -148,10 +147,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.resume:
         store = RunStore.open(args.resume)
-        suite = runner.suite_of(store.run)
         print(
             f"resuming {store.directory}: {len(store.completed())} of "
-            f"{len(store.run['order'])} cells done",
+            f"{len(store.run.order)} cells done",
             file=sys.stderr,
         )
     else:
@@ -161,34 +159,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.repeats:
             suite = with_repeats(suite, args.repeats)
         seed = suite.seed if args.seed is None else args.seed
-        order = runner.cells_in_order(suite, seed)
         if args.dry_run:
-            total = sum(runner.estimate_cell_s(c.scenario) for c in order)
-            print(
-                f"suite {suite.name}: {len(suite.scenarios)} scenarios, {len(order)} cells, "
-                f"seed {seed}; estimated {total / 60:.1f} min under TCG"
-            )
-            for i, c in enumerate(order, 1):
-                s = c.scenario
-                steps = ", ".join(str(x) for x in s.steps)
-                workload = (
-                    s.workload
-                    if s.workload == "idle"
-                    else (f"{s.workload} {format_size(s.workload_size)}")
-                )
-                print(
-                    f"{i:4}. {c.id:40} {s.mechanism}{'/' + s.variant if s.variant else ''}, "
-                    f"{format_size(s.memory)}, {workload}: {steps} "
-                    f"(~{runner.estimate_cell_s(s):.0f} s)"
-                )
+            print("\n".join(runner.dry_run_lines(suite, seed)))
             return 0
-        metadata = runner.run_metadata(args.accel, args.qemu, args.guest)
-        run = runner.new_run(suite, seed, metadata)
-        out = args.out or runner.default_out() / run["run_id"]
-        store = RunStore.create(out, run)
+        store = runner.start_run(
+            suite, seed, accel_request=args.accel, qemu=args.qemu, guest=args.guest, out=args.out
+        )
         print(
-            f"run {run['run_id']}: {len(run['order'])} cells -> {out} "
-            f"({metadata['accel']}, seed {seed})",
+            f"run {store.run.run_id}: {len(store.run.order)} cells -> {store.directory} "
+            f"({store.run.metadata.accel}, seed {seed})",
             file=sys.stderr,
         )
     try:
@@ -205,75 +184,75 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return _interrupted_status(exc)
-    print(runner.format_table(runner.summary_rows(cells)))
+    from dynamem.analysis.metrics import tidy
+
+    print(runner.format_table(runner.summary_rows(tidy(cells, store.run.run_id), cells)))
     print(runner.overhead_summary(cells))
     print(f"results: {store.directory}")
     if not args.no_report and cells:
         from dynamem.analysis.report import build_report
+        from dynamem.paths import report_dir
 
-        _, page = build_report(store, report_dir(store.run["run_id"]))
+        _, page = build_report(store, report_dir(store.run.run_id))
         print(f"report: {page}")
-    failed = sum(1 for c in cells if c["status"] != "ok")
-    return 1 if failed else 0
-
-
-def report_dir(run_id: str) -> Path:
-    from dynamem.paths import repo_root
-
-    return repo_root() / "results" / "report" / run_id
+    return 0 if all(c.ok for c in cells) else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from dynamem.analysis.report import build_report
+    from dynamem.paths import report_dir
     from dynamem.store import RunStore
 
     for run_dir in args.runs:
         store = RunStore.open(run_dir)
-        out = args.out or report_dir(store.run["run_id"])
+        out = args.out or report_dir(store.run.run_id)
         if len(args.runs) > 1 and args.out:
-            out = args.out / store.run["run_id"]
+            out = args.out / store.run.run_id
         md, page = build_report(store, out)
         print(f"report: {page}  (and {md.name}, figures beside it)")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    import numpy as np
+    import dataclasses
 
-    from dynamem.analysis.compare import Thresholds, check_comparable, compare_tables, regressed
+    from dynamem.analysis import compare
     from dynamem.analysis.metrics import tidy
     from dynamem.runner import format_table
     from dynamem.store import RunStore
 
     a, b = RunStore.open(args.run_a), RunStore.open(args.run_b)
-    for diff in check_comparable(a.run, b.run, args.allow_mixed):
-        print(f"warning: mixed runs, {diff}", file=sys.stderr)
     tables = []
     for store in (a, b):
         cells, problems = store.load_cells()
         for problem in problems:
             print(f"{store.directory}: unreadable cell record {problem}", file=sys.stderr)
-        tables.append(tidy(cells, store.run["run_id"]))
-    table = compare_tables(tables[0], tables[1], Thresholds(args.alpha, args.noise))
-    if table.empty:
-        raise UserError("compare: the two runs have no scenario step and metric in common")
-    rows = [["scenario", "step", "metric", "A median", "B median", "B/A", "95% CI", "p (Holm)",
-             "verdict"]]  # fmt: skip
-    for r in table.itertuples():
-        ci = f"{r.ci_low:.2f}-{r.ci_high:.2f}" if np.isfinite(r.ci_low) else r.note
-        rows.append([
-            r.scenario, r.step, r.metric, f"{r.median_a:.4g}", f"{r.median_b:.4g}",
-            f"{r.ratio:.2f}" if np.isfinite(r.ratio) else "-", ci,
-            f"{r.p_holm:.3g}" if np.isfinite(r.p_holm) else "-", r.verdict,
-        ])  # fmt: skip
-    print(format_table(rows))
-    counts = table["verdict"].value_counts().to_dict()
-    print(
-        f"A = {a.run['run_id']}, B = {b.run['run_id']}; alpha {args.alpha}, noise "
-        f"{args.noise:.0%}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+        tables.append(tidy(cells, store.run.run_id))
+    diffs = compare.identity_mismatch(
+        dataclasses.asdict(a.run.metadata), dataclasses.asdict(b.run.metadata)
+    ) + compare.condition_mismatch(*tables)
+    for diff in compare.check_comparable(diffs, a.run.run_id, b.run.run_id, args.allow_mixed):
+        print(f"warning: mixed runs, {diff}", file=sys.stderr)
+    table, missing = compare.compare_tables(
+        tables[0], tables[1], compare.Thresholds(args.alpha, args.noise)
     )
-    if regressed(table):
-        print("dynamem: regression: B is slower or worse than A", file=sys.stderr)
+    if table.empty and not missing:
+        raise UserError("compare: the two runs have no scenario step and metric in common")
+    if not table.empty:
+        print(format_table(compare.format_rows(table)))
+        counts = table["verdict"].value_counts().to_dict()
+        print(
+            f"A = {a.run.run_id}, B = {b.run.run_id}; alpha {args.alpha}, noise "
+            f"{args.noise:.0%}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+        )
+    for line in missing:
+        print(f"missing in B: {line}", file=sys.stderr)
+    if compare.regressed(table, missing):
+        print(
+            "dynamem: regression: B is slower or worse than A, fails more often, or lacks "
+            "what A measured",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -429,32 +408,22 @@ def cmd_bench_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fraction_or_size(text: str | None, memory: int) -> int:
-    """'60%' of the guest's memory, or a size; 0 when not given."""
-    if not text:
-        return 0
-    if text.endswith("%"):
-        try:
-            pct = float(text[:-1])
-        except ValueError:
-            raise UserError(f"malformed percentage {text!r}") from None
-        if not 0 < pct < 100:
-            raise UserError(f"percentage {text!r} must be between 0 and 100")
-        return int(memory * pct / 100) // (1 << 20) * (1 << 20)
-    return parse_size(text, what="size")
-
-
 def _signed_size(text: str) -> int:
     sign = -1 if text.startswith("-") else 1
     return sign * parse_size(text.lstrip("+-"), what="resize")
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
+    """One cell of the same lifecycle as `dynamem run`, printed instead of stored."""
     import json
 
-    from dynamem import mechanisms
-    from dynamem.single import run_single
+    from dynamem import mechanisms, runner
+    from dynamem.cell import Cell, resize_summary, run_cell
+    from dynamem.record import to_json_data
+    from dynamem.scenario import build_scenario
 
+    if args.by == 0:
+        raise UserError("--by must not be zero")
     mech = mechanisms.make(
         args.mechanism,
         args.variant,
@@ -462,73 +431,55 @@ def cmd_resize(args: argparse.Namespace) -> int:
         deflate_on_oom=args.deflate_on_oom,
         free_page_reporting=args.free_page_reporting,
     )
-    if args.by == 0:
-        raise UserError("--by must not be zero")
-    mplan = mech.plan(args.memory, args.by, args.boot_memory, args.maxmem)
-    single = run_single(
-        mech,
-        mplan,
-        ready_timeout=args.ready_timeout,
-        touch=_fraction_or_size(args.touch, args.memory),
-        stress=_fraction_or_size(args.stress, args.memory),
-        warmup=args.warmup,
-        swap=args.swap,
-        swap_size=args.swap_size,
-        guest=args.guest,
-        cpus=args.cpus,
+    mech.plan(args.memory, args.by, args.boot_memory, args.maxmem)  # refused before any boot
+    data: dict[str, object] = {
+        "name": "resize",
+        "mechanism": args.mechanism,
+        "memory": format_size(args.memory),
+        "steps": [f"{'grow' if args.by > 0 else 'shrink'} {format_size(abs(args.by))}"],
+        "cpus": args.cpus,
+        "memhp_default_state": args.memhp_default_state,
+        "kernel_args": list(args.kernel_arg),
+        "swap": args.swap,
+        "swap_size": format_size(args.swap_size),
+        "warmup": args.warmup,
+        "repeats": 1,
+        "dimm_size": format_size(args.dimm_size),
+        "deflate_on_oom": args.deflate_on_oom,
+        "free_page_reporting": args.free_page_reporting,
+    }
+    optional = {
+        "variant": args.variant,
+        "boot_memory": args.boot_memory and format_size(args.boot_memory),
+        "maxmem": args.maxmem and format_size(args.maxmem),
+        "cpu_model": args.cpu_model,
+        "touch": args.touch,
+    }
+    data.update({k: v for k, v in optional.items() if v})
+    if args.stress:
+        data.update(workload="stress", workload_size=args.stress)
+    scenario = build_scenario(data, "dynamem resize")
+    metadata = runner.run_metadata(args.accel, args.qemu, args.guest)
+    record = run_cell(
+        Cell(scenario, 1),
         accel_request=args.accel,
         qemu=args.qemu,
-        memhp_default_state=args.memhp_default_state,
-        kernel_args=tuple(args.kernel_arg),
+        guest=args.guest,
+        accel=metadata.accel,
     )
-    if args.series_out:
-        single.result.save_series(args.series_out)
+    step = next((s for _, s in record.resizes()), None)
+    if args.series_out and step is not None:
+        import numpy as np
+
+        np.savez_compressed(args.series_out, **record.series()[0])
     if args.json:
-        print(json.dumps(single.to_dict(series=args.series_out is None), indent=1))
+        out = to_json_data(record)
+        if step is not None and args.series_out is None:
+            out["steps"][0]["series"] = step.series_lists()
+        print(json.dumps(out, indent=1))
     else:
-        _print_result(single.result, single.context)
-    return 0 if single.result.outcome == "ok" else 1
-
-
-def _print_result(r: "ResizeResult", ctx: dict[str, object]) -> None:
-    def ms(x: float | None) -> str:
-        return "-" if x is None else f"{x * 1000:.1f} ms"
-
-    def size(x: int | None) -> str:
-        return "-" if x is None else ("-" if x < 0 else "+") + format_size(abs(x))
-
-    label = r.mechanism if r.variant == "default" else f"{r.mechanism}/{r.variant}"
-    print(
-        f"{label} {r.direction} {size(r.requested_bytes)}: {r.outcome}"
-        + (f" ({r.message})" if r.message else "")
-    )
-    print(
-        f"  host:  {size(r.host_done_bytes)} done, completion after {ms(r.host_latency_s)} "
-        f"(polled every {ms(r.poll_period_median_s)})"
-    )
-    print(
-        f"  guest: MemTotal {size(r.guest_memtotal_delta_bytes)}"
-        + (
-            f", balloon {size(r.guest_balloon_delta_bytes)}"
-            if r.guest_balloon_delta_bytes is not None
-            else ""
-        )
-        + f", visible after {ms(r.guest_latency_s)} (+/- {ms(r.guest_bound_s)})"
-    )
-    print(f"  memory blocks before {r.memory_blocks_before} after {r.memory_blocks_after}")
-    if r.figures:
-        g, h = r.figures["guest"], r.figures["host"]
-        moved = [z.split("/")[-1] for z, m in g["watermarks_moved"].items() if m]
-        print(
-            f"  cost:  {g['pages_migrated']} pages migrated, swap out/in {g['swap_out_pages']}/"
-            f"{g['swap_in_pages']} pages, {g['compaction_stalls']} compaction stalls, "
-            f"{g['oom_kills']} OOM kills; watermarks recomputed in: {', '.join(moved) or 'none'}"
-        )
-        settle = "-" if h["rss_settle_s"] is None else f"{h['rss_settle_s']:.2f} s"
-        rss = -h["rss_reclaimed_bytes"] / 2**20
-        thp = f"{h['anon_huge_before_kb'] >> 10} -> {h['anon_huge_after_kb'] >> 10} MiB"
-        print(f"  rss:   QEMU RSS {rss:+.1f} MiB (settled after {settle}), AnonHugePages {thp}")
-    print(f"  {ctx['accel']}, QEMU {ctx['qemu_version']}, guest {ctx['guest_kernel']}")
+        print(resize_summary(record))
+    return 0 if record.ok and step is not None and step.outcome == "ok" else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -612,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do the step and its reverse once, unmeasured, before the measured step",
     )
+    p.add_argument("--cpu-model", help="QEMU -cpu model (default: host under KVM, max under TCG)")
     p.set_defaults(func=cmd_resize)
 
     p = sub.add_parser("run", help="run a suite of scenarios into a raw results directory")
@@ -667,7 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reprobe", action="store_true", help="probe KVM again (ignore the cache)")
     p.set_defaults(func=cmd_doctor)
 
-    bench = sub.add_parser("bench", help="benchmarks of dynamem itself")
+    bench = sub.add_parser(
+        "selfbench", help="benchmarks of dynamem itself (the asv suite is `bench/`)"
+    )
     bsub = bench.add_subparsers(dest="bench_command", required=True, parser_class=_ArgumentParser)
     p = bsub.add_parser("boot", help="boot-to-SSH versus a bare QEMU boot-to-init, side by side")
     _vm_options(p)

@@ -34,14 +34,27 @@ from pathlib import Path
 from typing import Any
 
 from dynamem.errors import UserError
-from dynamem.paths import cache_dir, repo_root
+from dynamem.paths import bench_dir, cache_dir, results_dir
+from dynamem.record import CellRecord, RunRecord
+from dynamem.scenario import load_suite_text
 
 CONFIG_NAME = "asv.conf.json"
 AUTHOR = ["-c", "user.name=dynamem nightly", "-c", "user.email=nightly@dynamem.invalid"]
+# What asv.conf.json holds besides the paths (kept here so an installed dynamem needs no
+# checkout); the checkout's asv.conf.json is the same for `asv` run by hand there.
+ASV_CONFIG: dict[str, Any] = {
+    "version": 1,
+    "project": "dynamem",
+    "project_url": "https://example.invalid/dynamem",
+    "branches": ["main"],
+    "environment_type": "existing",
+    "show_commit_url": "#",
+    "hash_length": 8,
+}
 
 
 def default_root() -> Path:
-    return repo_root() / "results"
+    return results_dir()
 
 
 @dataclass(frozen=True)
@@ -66,27 +79,32 @@ class Layout:
     def html(self) -> Path:
         return self.root / "html"
 
-    @property
-    def default(self) -> bool:
-        return self.root.resolve() == default_root().resolve()
-
-    def config(self) -> Path:
-        """The top-level asv.conf.json for results/; a copy with absolute paths elsewhere."""
-        top = repo_root() / CONFIG_NAME
-        if self.default:
-            return top
+    def prepare(self) -> None:
+        """Create the root and what dynamem owns in it; one line if that is impossible."""
         try:
-            conf = json.loads(top.read_text())
-        except (OSError, ValueError) as exc:
-            raise UserError(f"cannot read {top}: {exc}") from exc
+            for d in (self.root, self.raw, self.results, self.html):
+                d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot use {self.root} as the nightly's results root: {exc}") from exc
+
+    def config(self, thresholds: dict[str, float] | None = None) -> Path:
+        """asv's configuration for this root (absolute paths), with the regression
+        thresholds measured for this night; written into the root, never into the
+        checkout."""
+        conf = dict(ASV_CONFIG)
         conf.update(
             repo=str(self.timeline.resolve()),
-            benchmark_dir=str((repo_root() / conf["benchmark_dir"]).resolve()),
+            benchmark_dir=str(bench_dir().resolve()),
             results_dir=str(self.results.resolve()),
             html_dir=str(self.html.resolve()),
         )
+        if thresholds:
+            conf["regressions_thresholds"] = thresholds
         path = self.root / CONFIG_NAME
-        path.write_text(json.dumps(conf, indent=4) + "\n")
+        try:
+            path.write_text(json.dumps(conf, indent=4) + "\n")
+        except OSError as exc:
+            raise UserError(f"cannot write {path}: {exc}") from exc
         return path
 
 
@@ -102,27 +120,26 @@ def _git(repo: Path, *args: str, env: dict[str, str] | None = None) -> str:
     return res.stdout.strip()
 
 
-def manifest_of(run: dict[str, Any], cells: list[dict[str, Any]], raw: Path) -> dict[str, Any]:
-    meta = run["metadata"]
-    failed = sorted(c["cell"] for c in cells if c.get("status") != "ok")
+def manifest_of(run: RunRecord, cells: list[CellRecord], raw: Path) -> dict[str, Any]:
+    meta = run.metadata
     return {
-        "run_id": run["run_id"],
-        "created": run["created"],
-        "suite": run["suite"]["name"],
+        "run_id": run.run_id,
+        "created": run.created,
+        "suite": run.suite.name,
         "raw_run": str(raw),
-        "cells": len(run["order"]),
+        "cells": len(run.order),
         "cells_finished": len(cells),
-        "cells_failed": failed,
-        "qemu_version": meta["qemu_version"],
-        "accel": meta["accel"],
-        "accel_reason": meta["accel_reason"],
-        "host_kernel": meta["host_kernel"],
-        "host_cpu": meta["host_cpu"],
-        "host_cpus": meta["host_cpus"],
-        "guest_kernel": meta["guest_kernel"],
-        "guest_image": meta["guest_image"],
-        "dynamem_version": meta["dynamem_version"],
-        "dynamem_commit": meta["git_commit"],
+        "cells_failed": sorted(c.cell for c in cells if not c.ok),
+        "qemu_version": meta.qemu_version,
+        "accel": meta.accel,
+        "accel_reason": meta.accel_reason,
+        "host_kernel": meta.host_kernel,
+        "host_cpu": meta.host_cpu,
+        "host_cpus": meta.host_cpus,
+        "guest_kernel": meta.guest_kernel,
+        "guest_image": meta.guest_image,
+        "dynamem_version": meta.dynamem_version,
+        "dynamem_commit": meta.git_commit,
     }
 
 
@@ -171,7 +188,7 @@ def _ram() -> str:
 
 
 def machine_entry(accel: str) -> dict[str, str]:
-    from dynamem.single import cpu_model
+    from dynamem.cell import host_cpu_model as cpu_model
 
     return {
         "machine": f"{platform.node() or 'host'}-{accel}",
@@ -197,7 +214,7 @@ def write_machine(entry: dict[str, str], path: Path | None = None) -> None:
 
 def asv(*args: str, config: Path, env: dict[str, str] | None = None) -> int:
     """`asv ARGS --config CONFIG` with this Python; output goes to ours (the CI log)."""
-    src = str(Path(__file__).resolve().parents[1])
+    src = str(Path(__file__).resolve().parents[1])  # what imports dynamem in asv's workers
     pythonpath = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)
     full_env = {**os.environ, "ASV_PYTHONPATH": pythonpath, "PYTHONPATH": pythonpath}
     sys.stdout.flush()
@@ -343,19 +360,25 @@ class Nightly:
 
 def record(raw: Path, layout: Layout) -> Nightly:
     """Steps 2-5 for a finished raw run: timeline commit, machine, asv run, asv publish."""
+    from dynamem.analysis import tracks
     from dynamem.store import RunStore
 
     store = RunStore.open(raw)
     cells, problems = store.load_cells()
-    if problems or store.completed() != set(store.run["order"]):
+    if problems or store.completed() != set(store.run.order):
         raise UserError(
             f"{raw} is not a complete run ({len(store.completed())} of "
-            f"{len(store.run['order'])} cells; finish it with `dynamem run --resume {raw}`)"
+            f"{len(store.run.order)} cells; finish it with `dynamem run --resume {raw}`)"
         )
+    layout.prepare()
     manifest = manifest_of(store.run, cells, raw.resolve())
-    config = layout.config()
-    commit = commit_manifest(layout.timeline, manifest)
     entry = machine_entry(manifest["accel"])
+    cache = tracks.cache_of(raw)
+    grid = tracks.grid_of(load_suite_text(store.run.suite.toml, f"run {store.run.run_id}"))
+    config = layout.config(
+        tracks.thresholds(cache, tracks.history(layout.results, entry["machine"], grid))
+    )
+    commit = commit_manifest(layout.timeline, manifest)
     write_machine(entry)
     print(f"timeline commit {commit[:12]} for run {manifest['run_id']}", file=sys.stderr)
     run_status = asv(
@@ -392,17 +415,18 @@ def run_suite(
     """Step 1: the suite through dynamem's runner into `<root>/raw/<run-id>/`."""
     from dynamem import runner
     from dynamem.scenario import load_suite, with_repeats
-    from dynamem.store import RunStore
 
     suite = load_suite(suite_name)
     if repeats:
         suite = with_repeats(suite, repeats)
-    metadata = runner.run_metadata(accel, qemu, guest)
-    run = runner.new_run(suite, suite.seed, metadata)
-    store = RunStore.create(layout.raw / run["run_id"], run)
+    layout.prepare()
+    store = runner.start_run(
+        suite, suite.seed, accel_request=accel, qemu=qemu, guest=guest, raw_dir=layout.raw
+    )
+    run = store.run
     print(
-        f"nightly run {run['run_id']}: {len(run['order'])} cells -> {store.directory} "
-        f"({metadata['accel']})",
+        f"nightly run {run.run_id}: {len(run.order)} cells -> {store.directory} "
+        f"({run.metadata.accel})",
         file=sys.stderr,
     )
     try:

@@ -1,20 +1,65 @@
-"""Where dynamem keeps things: the build cache, per-run directories, the repository."""
+"""Where dynamem keeps things: its shipped data, results, the build cache, run directories.
+
+Guest recipes, suites and the asv suite ship inside the package (`dynamem.recipes`,
+`dynamem.suites`, `dynamem.bench`, mapped from the checkout's `guests/`, `suites/` and
+`bench/`), so an installed wheel works outside the checkout. Results go to
+`DYNAMEM_RESULTS`, else the checkout's `results/` when dynamem runs from one, else
+`./results`.
+"""
 
 import os
 import tempfile
+from importlib import resources
 from pathlib import Path
 
 
-def repo_root() -> Path:
-    """The source tree (guest recipes live there; dynamem is installed editable from it)."""
-    env = os.environ.get("DYNAMEM_REPO")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2]
+def _package_dir(package: str) -> Path:
+    return Path(str(resources.files(package)))
 
 
 def guests_dir() -> Path:
-    return repo_root() / "guests"
+    """Guest recipes (the checkout's `guests/`)."""
+    return _package_dir("dynamem.recipes")
+
+
+def suites_dir() -> Path:
+    """Built-in suites (the checkout's `suites/`)."""
+    return _package_dir("dynamem.suites")
+
+
+def bench_dir() -> Path:
+    """The asv benchmark suite (the checkout's `bench/`)."""
+    return _package_dir("dynamem.bench")
+
+
+def checkout() -> Path | None:
+    """The source checkout dynamem is installed (editable) from, if it is."""
+    env = os.environ.get("DYNAMEM_REPO")
+    if env:
+        return Path(env)
+    root = Path(__file__).resolve().parents[2]
+    pyproject = root / "pyproject.toml"
+    if pyproject.is_file() and 'name = "dynamem"' in pyproject.read_text(errors="replace"):
+        return root
+    return None
+
+
+def results_dir() -> Path:
+    """The results root: `raw/` (the truth), `report/`, and the nightly's `timeline/`,
+    `asv/`, `html/`."""
+    env = os.environ.get("DYNAMEM_RESULTS")
+    if env:
+        return Path(env)
+    root = checkout()
+    return (root if root is not None else Path.cwd()) / "results"
+
+
+def raw_dir(root: Path | None = None) -> Path:
+    return (root or results_dir()) / "raw"
+
+
+def report_dir(run_id: str, root: Path | None = None) -> Path:
+    return (root or results_dir()) / "report" / run_id
 
 
 def cache_dir() -> Path:

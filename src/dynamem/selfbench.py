@@ -157,8 +157,8 @@ def bench_resize(
 
     from dynamem import mechanisms
     from dynamem.bareqmp import BareQMP, bare_resize
+    from dynamem.cell import plan_for
     from dynamem.resize import resize
-    from dynamem.single import plan_for
 
     mech = mechanisms.make(mechanism)
     before = memory
@@ -229,7 +229,7 @@ def bench_build(guest: str, repeats: int) -> tuple[list[float], list[float]]:
 def bench_sampler(plan: Plan, seconds: float, report: Callable[[str], None]) -> dict[str, float]:
     """CPU the in-guest sampler uses, as a fraction of one vCPU, at 50 Hz and at the resize
     rate (from its own /proc/self/schedstat)."""
-    from dynamem.probes.figures import MEMINFO_KEYS, VMSTAT_KEYS
+    from dynamem.probes.cost import MEMINFO_KEYS, VMSTAT_KEYS
 
     modes: list[tuple[str, dict[str, object], int]] = [
         ("idle (not sampling)", {}, 0),

@@ -12,7 +12,7 @@ import pytest
 
 from dynamem import nightly
 from dynamem.errors import UserError
-from dynamem.paths import repo_root
+from dynamem.paths import bench_dir, checkout
 
 MANIFEST = {
     "run_id": "20261126-065212-quick",
@@ -62,15 +62,26 @@ def test_machine_file_is_written_without_questions(tmp_path):
     assert data["other"] == {"machine": "other"} and data[entry["machine"]] == entry
 
 
-def test_config_elsewhere_is_the_top_level_one_with_absolute_paths(tmp_path):
-    top = json.loads((repo_root() / "asv.conf.json").read_text())
+def test_config_is_the_top_level_one_with_absolute_paths_and_measured_thresholds(tmp_path):
+    top = json.loads((checkout() / "asv.conf.json").read_text())
     assert top["environment_type"] == "existing" and top["benchmark_dir"] == "bench"
     assert top["results_dir"].startswith("results/") and top["html_dir"].startswith("results/")
-    assert nightly.Layout(nightly.default_root()).config() == repo_root() / "asv.conf.json"
-    conf = json.loads(nightly.Layout(tmp_path).config().read_text())
+    assert {k: v for k, v in top.items() if k not in ("repo", "benchmark_dir", "results_dir",
+            "html_dir")} == nightly.ASV_CONFIG  # fmt: skip
+    conf = json.loads(nightly.Layout(tmp_path).config({".*x": 0.3}).read_text())
     assert conf["repo"] == str(tmp_path / "timeline")
     assert conf["results_dir"] == str(tmp_path / "asv")
-    assert conf["benchmark_dir"] == str(repo_root() / "bench")
+    assert conf["benchmark_dir"] == str(bench_dir()) == str(checkout() / "bench")
+    assert conf["regressions_thresholds"] == {".*x": 0.3}
+
+
+def test_a_root_that_does_not_exist_yet_is_created(tmp_path):
+    layout = nightly.Layout(tmp_path / "new" / "root")
+    layout.prepare()
+    assert layout.raw.is_dir() and layout.results.is_dir() and layout.html.is_dir()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="cannot use .*file/root as the nightly's results root"):
+        nightly.Layout(tmp_path / "file" / "root").prepare()
 
 
 def dynamem(*argv):
@@ -99,8 +110,10 @@ def test_an_unfinished_run_is_not_recorded(tmp_path):
     from dynamem.scenario import load_suite
     from dynamem.store import RunStore
 
+    from .records import metadata
+
     suite = load_suite("quick")
-    store = RunStore.create(tmp_path / "raw" / "r", runner.new_run(suite, 1, {"accel": "tcg"}))
+    store = RunStore.create(tmp_path / "raw" / "r", runner.new_run(suite, 1, metadata()))
     res = dynamem("nightly", "--root", str(tmp_path), "--raw", str(store.directory))
     assert res.returncode == 2
     assert "not a complete run (0 of 30 cells" in res.stderr
