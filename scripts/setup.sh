@@ -11,19 +11,33 @@ case "$job" in demo|test|install) ;; *) echo "usage: $0 demo|test|install" >&2; 
 
 # Host tools: QEMU, and what the guest build uses (apt-get download, dpkg-deb, depmod,
 # readelf, cpio, zstd; gcc and libc6-dev compile the static in-guest sampler).
-# git: the nightly's timeline repository. chromium: the test that renders the asv page.
+# git: the nightly's timeline repository. Without QEMU's recommended extras (its GUI,
+# GStreamer and codecs, OVMF, block-extra): the guests boot with -kernel on SeaBIOS and
+# use iPXE's virtio ROM, both hard dependencies of qemu-system-x86.
 apt_packages=(qemu-system-x86 qemu-utils kmod binutils cpio zstd gcc libc6-dev python3 python3-venv ca-certificates git)
-if [ "$job" = test ]; then apt_packages+=(chromium); fi
 # npm fetches the asv page's scripts (below); Debian's package only where none is installed.
 command -v npm >/dev/null || apt_packages+=(npm)
-missing=()
-for pkg in "${apt_packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if ((${#missing[@]})); then
-    echo "setup: installing ${missing[*]}" >&2
+# chromium: only the test that renders the asv page (with its recommends: fonts).
+test_packages=()
+if [ "$job" = test ]; then test_packages+=(chromium); fi
+
+missing_of() {
+    local pkg
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || echo "$pkg"
+    done
+}
+mapfile -t missing < <(missing_of "${apt_packages[@]}")
+mapfile -t missing_test < <(missing_of "${test_packages[@]}")
+if ((${#missing[@]} + ${#missing_test[@]})); then
+    echo "setup: installing ${missing[*]} ${missing_test[*]}" >&2
     apt-get update -q
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+    if ((${#missing[@]})); then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+    fi
+    if ((${#missing_test[@]})); then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing_test[@]}"
+    fi
 fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -236,7 +236,7 @@ def run_cell(
     )
     vm: VM | None = None
     phase = "plan"  # where a failure happened, recorded with it
-    inject = Injector(s.inject)
+    inject = Injector(s.fault_for(cell.repeat))
     try:
         unbound = s.mechanism_object()
         mplan = s.memory_plan(unbound)

@@ -66,7 +66,10 @@ def estimate_cell_s(s: Scenario) -> float:
             steps += _STEP_FIXED_S + _PER_GIB_S[(s.mechanism, direction)] * abs(step.delta) / GiB
     resizes = sum(1 for step in s.steps if step.kind == "resize")
     warmup = 2 * resizes * _STEP_FIXED_S if s.warmup else 0.0
-    return _BOOT_S + steps + warmup + _WORKLOAD_PER_GIB_S[s.workload] * s.workload_size / GiB
+    touch = _WORKLOAD_PER_GIB_S["stress"] * s.touch / GiB  # touched like stress, then freed
+    return (
+        _BOOT_S + steps + warmup + touch + _WORKLOAD_PER_GIB_S[s.workload] * s.workload_size / GiB
+    )
 
 
 def git_commit() -> str:

@@ -61,6 +61,7 @@ SCENARIO_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
 # Only with DYNAMEM_FAULT_INJECTION=1, for the harness's own tests (see dynamem.faults).
 HIDDEN_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "inject": (str, "a fault to inject, e.g. qemu-kill@step0"),
+    "inject_repeats": (list, "the repeats the fault is injected into (default: every one)"),
 }
 SUITE_KEYS = {"name", "description", "repeats", "seed", "defaults", "scenario"}
 # Names become file and directory names (cells/<name>-r1.json, results/raw/<stamp>-<name>).
@@ -119,7 +120,14 @@ class Scenario:
     no_progress: float | None = None  # None: the mechanism's default
     reproduces: str | None = None
     inject: faults.Fault | None = None
+    inject_repeats: tuple[int, ...] = ()  # empty: every repeat
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def fault_for(self, repeat: int) -> faults.Fault | None:
+        """The fault to inject into this repeat's cell, if any."""
+        if self.inject_repeats and repeat not in self.inject_repeats:
+            return None
+        return self.inject
 
     @property
     def deltas(self) -> tuple[int, ...]:
@@ -237,6 +245,9 @@ def build_scenario(data: dict[str, Any], where: str) -> Scenario:
                 f"{where}: kernel argument {arg!r} must be one word of letters, digits and "
                 "_.,:=/+@%-"
             )
+    repeats_hit = data.get("inject_repeats", [])
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in repeats_hit):
+        raise UserError(f"{where}: inject_repeats must be a list of repeat numbers (1, 2, ...)")
     if data["mechanism"] not in mechanisms.NAMES:
         raise UserError(
             f"{where}: unknown mechanism {data['mechanism']!r} "
@@ -311,6 +322,7 @@ def build_scenario(data: dict[str, Any], where: str) -> Scenario:
         inject=faults.parse(data["inject"], len(steps), data["mechanism"])
         if "inject" in data
         else None,
+        inject_repeats=tuple(int(r) for r in data.get("inject_repeats", ())),
         raw=dict(data),
     )
     if scenario.touch >= memory:

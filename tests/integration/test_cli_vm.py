@@ -132,11 +132,16 @@ def test_resize_prints_a_json_record_with_its_context(image, run_base):
     res = cli("resize", "--mechanism", "virtio-mem", "--memory", "1G", "--by", "-128M", "--json")
     assert res.returncode == 0, res.stderr
     record = json.loads(res.stdout)
-    result, context = record["result"], record["context"]
+    assert record["format"] == 2 and record["status"] == "ok"  # the cell record `run` stores
+    result, context = record["steps"][0], record["context"]
     assert result["outcome"] == "ok"
     assert result["requested_bytes"] == -128 * 2**20
     assert result["guest_memtotal_delta_bytes"] == -128 * 2**20
+    assert len(result["series"]["guest_t_ns"]) == result["samples"]
     assert record["preparation"]["requested_bytes"] == 128 * 2**20
+    assert record["condition"]["memory"] == 2**30 and record["condition"]["steps"] == [
+        "shrink 128M"
+    ]
     assert context["accel"] in ("tcg", "kvm") and context["accel_reason"]
     assert context["guest_kernel"] == image.kernel_release
     assert any("virtio_mem" in line for line in context["boot_kernel_log"])

@@ -42,22 +42,26 @@ def test_a_run_directory_is_complete(image, run_base, tmp_path):
     res = cli("run", "--suite", str(suite), "--out", str(out), timeout=600)
     assert res.returncode == 0, res.stderr  # every cell ran; an impossible step is a result
     store = RunStore.open(out)
-    assert store.run["metadata"]["accel"] in ("tcg", "kvm")
-    assert store.run["metadata"]["guest_kernel"] == image.kernel_release
-    assert sorted(store.run["order"]) == ["balloon-r1", "vmem-r1"]
+    assert store.run.metadata.accel in ("tcg", "kvm")
+    assert store.run.metadata.guest_kernel == image.kernel_release
+    assert sorted(store.run.order) == ["balloon-r1", "vmem-r1"]
     cells, problems = store.load_cells()
     assert problems == []
-    by = {c["cell"]: c for c in cells}
+    by = {c.cell: c for c in cells}
     vmem = by["vmem-r1"]
-    assert vmem["status"] == "ok"
-    assert [s["outcome"] for s in vmem["steps"]] == ["ok", "ok"]
-    assert vmem["steps"][0]["guest_memtotal_delta_bytes"] == -128 << 20
-    assert vmem["timings"]["total"] > vmem["timings"]["boot"] > 0
+    assert vmem.status == "ok" and vmem.format == 2
+    assert [s.outcome for _, s in vmem.resizes()] == ["ok", "ok"]
+    shrink = vmem.resizes()[0][1]
+    assert shrink.guest_memtotal_delta_bytes == -128 << 20
+    assert vmem.timings.total > vmem.timings.boot > 0
+    assert vmem.condition.memory == 1 << 30 and vmem.condition.cpu_model in ("max", "host")
+    assert vmem.preparation is not None and vmem.preparation.outcome == "ok"
+    assert vmem.context is not None and vmem.context.memtotal_start_kb > 0
     series = store.load_series("vmem-r1", 0)
-    assert int(series["t_request_ns"]) == vmem["steps"][0]["t_request_ns"]
+    assert int(series["t_request_ns"]) == shrink.t_request_ns
     assert np.all(np.diff(series["guest_t_ns"]) >= 0)
     # The balloon's impossible grow is recorded as such, and the run went on.
-    assert by["balloon-r1"]["steps"][0]["outcome"] == "unsupported"
+    assert by["balloon-r1"].resizes()[0][1].outcome == "unsupported"
     assert "vmem" in res.stdout and "unsupported" not in res.stderr
 
 
@@ -95,7 +99,7 @@ def test_interrupted_run_resumes_without_redoing_cells(image, run_base, tmp_path
     res = cli("run", "--resume", str(out), timeout=900)
     assert res.returncode in (0, 1), res.stderr
     store = RunStore.open(out)
-    assert store.completed() == set(store.run["order"])
+    assert store.completed() == set(store.run.order)
     for name, mtime in finished.items():  # not redone
         assert (out / "cells" / name).stat().st_mtime_ns == mtime
     cells, _ = store.load_cells()
@@ -131,17 +135,17 @@ def test_reboot_and_free_steps(image, run_base, tmp_path):
     out = tmp_path / "run"
     res = cli("run", "--suite", str(suite), "--out", str(out), timeout=600)
     assert res.returncode == 0, res.stderr
-    cells = {c["cell"]: c for c in RunStore.open(out).load_cells()[0]}
-    reboot = cells["vmem-reboot-r1"]["steps"][1]
-    assert reboot["kind"] == "reboot" and reboot["seconds"] > 0
+    cells = {c.cell: c for c in RunStore.open(out).load_cells()[0]}
+    reboot = cells["vmem-reboot-r1"].steps[1]
+    assert reboot.kind == "reboot" and reboot.seconds > 0
     # virtio-mem is unplugged on reset and plugged again to the requested size
-    assert reboot["host_after_bytes"] == 256 << 20
-    assert reboot["guest_memtotal_kb"][1] > 0
-    free = cells["fpr-free-r1"]["steps"][1]
-    assert free["kind"] == "free"
-    assert free["guest_memfree_kb"][1] > free["guest_memfree_kb"][0]
+    assert reboot.host_after_bytes == 256 << 20
+    assert reboot.guest_memtotal_kb[1] > 0
+    free = cells["fpr-free-r1"].steps[1]
+    assert free.kind == "free"
+    assert free.guest_memfree_kb[1] > free.guest_memfree_kb[0]
     # with free page reporting the host gets most of the freed working set back
-    assert free["rss_released_bytes"] > 256 << 20
+    assert free.rss_released_bytes > 256 << 20
 
 
 WORKLOADS = """
@@ -172,16 +176,16 @@ def test_impact_and_pagecache_workloads(image, run_base, tmp_path):
     out = tmp_path / "run"
     res = cli("run", "--suite", str(suite), "--out", str(out), timeout=600)
     assert res.returncode == 0, res.stderr
-    cells = {c["cell"]: c for c in RunStore.open(out).load_cells()[0]}
+    cells = {c.cell: c for c in RunStore.open(out).load_cells()[0]}
     impact = cells["impact-r1"]
-    assert impact["timings"]["workload_start"] > 0
-    for step in impact["steps"]:
-        figures = step["figures"]["workload"]
-        assert figures["throughput_before_pps"] > 0
-        assert figures["longest_stall_ms"] >= 9  # log lines are 10 ms apart at best
+    assert impact.timings.workload_start > 0
+    for _, step in impact.resizes():
+        felt = step.cost.workload
+        assert felt is not None and felt.throughput_before_pps > 0
+        assert felt.longest_stall_ms >= 9  # log lines are 10 ms apart at best
     page = cells["pagecache-r1"]
-    assert page["status"] == "ok", page["error"]
-    assert page["timings"]["workload_start"] > 0
+    assert page.status == "ok", page.error
+    assert page.timings.workload_start > 0
     series = RunStore.open(out).load_series("pagecache-r1", 0)
     # kB: a block device read is cached as Buffers, and it stayed
     assert series["full_Buffers"].max() >= 200 * 1024
