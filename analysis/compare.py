@@ -135,8 +135,6 @@ def compare_tables(
     present_b = {tuple(r[:3]) for r in ob.itertuples(index=False)}
     tested: list[dict[str, Any]] = []
     for key, ga in ua.groupby(keys):
-        if METRICS[key[3]].better == "none":
-            continue
         if key not in grouped_b:
             if tuple(key[:3]) in present_b:
                 missing.append(
@@ -176,22 +174,26 @@ def _verdict(row: dict[str, Any], t: Thresholds) -> str:
         size = abs(row["difference"])
     if p >= t.alpha or not big or size < METRICS[row["metric"]].resolution:
         return "no significant change"
+    if row["better"] == "none":  # a change in either direction matters (a starting point,
+        return "changed"  # a watermark effect): it needs explaining before it passes
     worse = up if row["better"] == "lower" else not up
     if row["unit"] == "s":
         return "slower" if worse else "faster"
     return "worse" if worse else "better"
 
 
+REGRESSIONS = ("slower", "worse", "changed")
+
+
 def regressed(table: pd.DataFrame, missing: list[str]) -> bool:
-    return bool(missing) or bool(
-        not table.empty and table["verdict"].isin(["slower", "worse"]).any()
-    )
+    return bool(missing) or bool(not table.empty and table["verdict"].isin(REGRESSIONS).any())
 
 
-def format_rows(table: pd.DataFrame) -> list[list[str]]:
-    """The comparison as text rows (header first), for the terminal."""
-    rows = [["scenario", "step", "metric", "A", "B", "B/A or B-A", "95% CI", "p (Holm)",
-             "verdict"]]  # fmt: skip
+def format_rows(table: pd.DataFrame, alpha: float = 0.05) -> list[list[str]]:
+    """The comparison as text rows (header first), for the terminal. The Welch interval's
+    level is nominal: with 3 to 5 values per run it is approximate."""
+    rows = [["scenario", "step", "metric", "A", "B", "B/A or B-A",
+             f"Welch {1 - alpha:.0%} interval (approx.)", "p (Holm)", "verdict"]]  # fmt: skip
     for r in table.itertuples():
         if r.metric == "succeeded":
             rows.append([r.scenario, r.step, "success share", f"{r.median_a:.0%}",

@@ -47,6 +47,8 @@ MARKERS = {"idle": "o", "stress": "s", "pagecache": "^", "impact": "D"}
 DPI = 110
 
 LoadSeries = Callable[[str, int], dict[str, np.ndarray]]
+CondOf = Callable[[CellRecord], str]  # a cell's condition label, e.g. "C2: stress 614M"
+Shares = dict[tuple[str, str, str], tuple[int, int]]  # (mechanism, cond, direction) -> ok, n
 
 
 def _style() -> None:
@@ -77,12 +79,19 @@ def summarize(t: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     return out
 
 
+def _share(shares: Shares | None, mech: str, cond: str, direction: str) -> str:
+    if not shares or (mech, cond, direction) not in shares:
+        return ""
+    ok, n = shares[(mech, cond, direction)]
+    return f" ({ok}/{n} ok)"
+
+
 def _level_note(s: pd.DataFrame) -> str:
     levels = sorted({round(float(x) * 100) for x, n in zip(s.level, s.n, strict=True) if n > 1})
     return "interval levels " + ", ".join(f"{x}%" for x in levels) if levels else "n = 1"
 
 
-def latency_vs_size(t: pd.DataFrame, path: Path) -> Path | None:
+def latency_vs_size(t: pd.DataFrame, path: Path, shares: Shares | None = None) -> Path | None:
     data = t[t.metric == "latency_guest_s"]
     if data.empty:
         return None
@@ -108,7 +117,7 @@ def latency_vs_size(t: pd.DataFrame, path: Path) -> Path | None:
                     marker=MARKERS.get(str(cond).split(": ")[-1].split()[0], "o"),
                     linestyle="-" if len(rows) > 1 else "none",
                     capsize=3,
-                    label=f"{mech}, {cond}",
+                    label=f"{mech}, {cond}" + _share(shares, mech, str(cond), direction),
                 )
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -125,27 +134,35 @@ def latency_vs_size(t: pd.DataFrame, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def representative_cells(cells: list[CellRecord]) -> dict[str, tuple[CellRecord, int]]:
-    """Per mechanism, the ok shrink whose latency is the median of its scenario (the first
-    scenario with a workload if any, else idle): (cell, step index)."""
-    candidates: dict[tuple[str, str], list[tuple[float, CellRecord, int]]] = {}
+def representative_cells(
+    cells: list[CellRecord], cond_of: CondOf
+) -> tuple[str, dict[str, tuple[CellRecord, int]]]:
+    """One condition (the one with a workload, and the most mechanisms, first) and, per
+    mechanism, its ok shrink whose latency is the median in that condition."""
+    candidates: dict[str, dict[str, list[tuple[float, CellRecord, int]]]] = {}
     for cell, k, step in resize_steps(cells):
         if step.direction == "shrink":
             latency = step.guest_latency_s or step.host_latency_s or 0.0
-            key = (cell.mechanism.label, cell.condition.workload)
-            candidates.setdefault(key, []).append((latency, cell, k))
+            by_mech = candidates.setdefault(cond_of(cell), {})
+            by_mech.setdefault(cell.mechanism.label, []).append((latency, cell, k))
+    if not candidates:
+        return "", {}
+    cond = max(
+        candidates,
+        key=lambda c: (len(candidates[c]), "idle" not in c, -sorted(candidates).index(c)),
+    )
     chosen: dict[str, tuple[CellRecord, int]] = {}
-    for (mech, _workload), items in sorted(candidates.items(), key=lambda kv: kv[0][1] == "idle"):
-        if mech in chosen:
-            continue
+    for mech, items in candidates[cond].items():
         items.sort(key=lambda x: x[0])
         _, cell, k = items[(len(items) - 1) // 2]
         chosen[mech] = (cell, k)
-    return chosen
+    return cond, chosen
 
 
-def time_series(cells: list[CellRecord], load: LoadSeries, path: Path) -> Path | None:
-    chosen = representative_cells(cells)
+def time_series(
+    cells: list[CellRecord], load: LoadSeries, path: Path, cond_of: CondOf
+) -> Path | None:
+    cond, chosen = representative_cells(cells, cond_of)
     if not chosen:
         return None
     _style()
@@ -186,7 +203,8 @@ def time_series(cells: list[CellRecord], load: LoadSeries, path: Path) -> Path |
     for ax in axes:
         ax.axvline(0, color="grey", linewidth=0.8, linestyle=":")
     axes[0].set_title(
-        "one shrink per mechanism (the median-latency repeat)\n" + "; ".join(titles), fontsize=9
+        f"one ok shrink per mechanism in {cond} (the median-latency repeat)\n" + "; ".join(titles),
+        fontsize=9,
     )
     axes[0].legend(fontsize=8)
     axes[-1].set_xlabel("time since the request (s)")
@@ -198,32 +216,38 @@ def rss_vs_requested(t: pd.DataFrame, path: Path) -> Path | None:
     if data.empty:
         return None
     _style()
-    fig, ax = plt.subplots(figsize=(6.5, 4.8))
-    sns.stripplot(
-        data=data,
-        x="size_mib",
-        y="value",
-        hue="mechanism",
-        hue_order=ordered(data.mechanism),
-        palette=colours(data.mechanism),
-        dodge=True,
-        jitter=0.15,
-        ax=ax,
-        marker="o",
-        size=6,
+    conds = sorted(set(data.cond))
+    fig, axes = plt.subplots(
+        1, len(conds), figsize=(5.2 * len(conds), 4.6), squeeze=False, sharey=True
     )
-    sizes = sorted(set(data.size_mib))
-    for i, size in enumerate(sizes):
-        ax.hlines(size, i - 0.45, i + 0.45, color="black", linewidth=1.2, linestyle="--")
-    ax.set_xticks(range(len(sizes)), [f"{s:g}" for s in sizes])
-    ax.set_xlabel("memory removed (MiB); dashed line = all of it returned to the host")
-    ax.set_ylabel("QEMU RSS reclaimed (MiB)")
-    ax.set_title("host memory given back by each shrink")
-    ax.legend(fontsize=8, title=None)
+    for ax, cond in zip(axes[0], conds, strict=True):
+        part = data[data.cond == cond]
+        sns.stripplot(
+            data=part,
+            x="size_mib",
+            y="value",
+            hue="mechanism",
+            hue_order=ordered(part.mechanism),
+            palette=colours(part.mechanism),
+            dodge=True,
+            jitter=0.15,
+            ax=ax,
+            marker="o",
+            size=6,
+        )
+        sizes = sorted(set(part.size_mib))
+        for i, size in enumerate(sizes):
+            ax.hlines(size, i - 0.45, i + 0.45, color="black", linewidth=1.2, linestyle="--")
+        ax.set_xticks(range(len(sizes)), [f"{s:g}" for s in sizes])
+        ax.set_xlabel("memory removed (MiB)\ndashed line = all of it returned to the host")
+        ax.set_ylabel("QEMU RSS reclaimed (MiB)")
+        ax.set_title(str(cond), fontsize=9)
+        ax.legend(fontsize=8, title=None)
+    fig.suptitle("host memory given back by each ok shrink")
     return _save(fig, path)
 
 
-def _frag_rows(cells: list[CellRecord]) -> pd.DataFrame:
+def _frag_rows(cells: list[CellRecord], cond_of: CondOf) -> pd.DataFrame:
     rows = []
     for cell, _, step in resize_steps(cells):
         g = step.cost.guest
@@ -233,7 +257,7 @@ def _frag_rows(cells: list[CellRecord]) -> pd.DataFrame:
         if zone is None:
             continue
         frag = g.fragmentation[zone]
-        label = f"{cell.condition.workload_label}"
+        label = cond_of(cell)
         for when, values in (("before", frag.unusable_milli_before),
                              ("after", frag.unusable_milli_after)):  # fmt: skip
             for order, v in enumerate(values or []):
@@ -241,13 +265,13 @@ def _frag_rows(cells: list[CellRecord]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["mechanism", "workload", "zone", "when", "order", "index"])
 
 
-def fragmentation(cells: list[CellRecord], path: Path) -> Path | None:
-    rows = _frag_rows(cells)
+def fragmentation(cells: list[CellRecord], path: Path, cond_of: CondOf) -> Path | None:
+    rows = _frag_rows(cells, cond_of)
     if rows.empty:
         return None
     _style()
     mechs = ordered(rows.mechanism)
-    workloads = sorted(set(rows.workload), key=lambda w: w != "idle")
+    workloads = sorted(set(rows.workload))
     fig, axes = plt.subplots(
         len(workloads),
         len(mechs),
@@ -278,7 +302,7 @@ def fragmentation(cells: list[CellRecord], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def _watermark_rows(cells: list[CellRecord]) -> pd.DataFrame:
+def _watermark_rows(cells: list[CellRecord], cond_of: CondOf) -> pd.DataFrame:
     rows = []
     for cell, _, step in resize_steps(cells):
         g = step.cost.guest
@@ -286,22 +310,26 @@ def _watermark_rows(cells: list[CellRecord]) -> pd.DataFrame:
             for level in ("min", "low", "high"):
                 before, after = getattr(z, level)
                 change = (after - before) * 4
-                rows.append((cell.mechanism.label, step.direction, zone.split("/")[-1], level,
-                             change))  # fmt: skip
+                rows.append((cell.mechanism.label, f"{step.step}, {cond_of(cell)}",
+                             zone.split("/")[-1], level, change))  # fmt: skip
     return pd.DataFrame(rows, columns=["mechanism", "direction", "zone", "level", "change_kib"])
 
 
-def watermarks(cells: list[CellRecord], path: Path) -> Path | None:
-    rows = _watermark_rows(cells)
+def watermarks(cells: list[CellRecord], path: Path, cond_of: CondOf) -> Path | None:
+    rows = _watermark_rows(cells, cond_of)
     if rows.empty:
         return None
     _style()
     data = rows[rows.level == "high"]
-    directions = [d for d in ("shrink", "grow") if d in set(data.direction)]
+    directions = sorted(set(data.direction))  # each step of each condition: one panel
+    cols = min(len(directions), 3)
+    nrows = -(-len(directions) // cols)
     fig, axes = plt.subplots(
-        1, len(directions), figsize=(5.5 * len(directions), 4.2), sharey=True, squeeze=False
+        nrows, cols, figsize=(5.2 * cols, 3.8 * nrows), sharey=True, squeeze=False
     )
-    for ax, direction in zip(axes[0], directions, strict=True):
+    for ax in axes.flat[len(directions) :]:
+        ax.set_visible(False)
+    for ax, direction in zip(axes.flat, directions, strict=False):
         sns.barplot(
             data=data[data.direction == direction],
             x="zone",
@@ -314,7 +342,7 @@ def watermarks(cells: list[CellRecord], path: Path) -> Path | None:
             ax=ax,
         )
         ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_title(f"{direction}: change of each zone's high watermark")
+        ax.set_title(f"{direction}: high watermark change", fontsize=9)
         ax.set_xlabel("zone")
         ax.set_ylabel("high watermark change (KiB, median)")
         ax.legend(fontsize=8)
@@ -335,7 +363,8 @@ def workload_impact(t: pd.DataFrame, path: Path) -> Path | None:
         ],
         strict=True,
     ):
-        s = summarize(data[data.metric == metric], ["step", "mechanism"])
+        s = summarize(data[data.metric == metric].assign(
+            step=lambda d: d["step"] + "\n" + d["cond"]), ["step", "mechanism"])  # fmt: skip
         if s.empty:
             ax.set_visible(False)
             continue

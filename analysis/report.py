@@ -64,6 +64,18 @@ class Report:
     def cid(self, condition: str) -> str:
         return self.conditions.get(condition, "C?")
 
+    def cond_of(self, cell: CellRecord) -> str:
+        """A cell's condition as figures label it, e.g. "C2: stress 614M"."""
+        c = cell.condition
+        return f"{self.cid(c.describe())}: {c.workload_label}"
+
+    def direction_shares(self) -> dict[tuple[str, str, str], tuple[int, int]]:
+        """(mechanism, cond, direction) -> (ok, n), for figure legends."""
+        return {
+            (str(m), str(c), str(d)): v
+            for (m, c, d), v in _shares(self.table, ["mechanism", "cond", "direction"]).items()
+        }
+
 
 def fmt(x: float | None, unit: str = "") -> str:
     if x is None or not np.isfinite(x):
@@ -125,7 +137,7 @@ def _setup(rep: Report) -> None:
                 [
                     "cells",
                     f"{ok} ok, {len(rep.cells) - ok} failed, {len(run.order)} planned"
-                    + (f"; {len(rep.problems)} unreadable" if rep.problems else ""),
+                    + (f"; {len(rep.problems)} problems" if rep.problems else ""),
                 ],
                 ["accelerator", f"**{meta.accel}** ({meta.accel_reason})"],
                 ["host", f"{meta.host_cpu}, {meta.host_cpus} CPUs, kernel {meta.host_kernel}"],
@@ -151,7 +163,7 @@ def _setup(rep: Report) -> None:
         rep.add("Failed cells (counted as failures in every share below; none of their "
                 "measurements enter a figure):", "")  # fmt: skip
         rep.add(*(f"- `{c.cell}`: {c.error}" for c in failed))
-        rep.add(*(f"- unreadable record {p}" for p in rep.problems), "")
+        rep.add(*(f"- problem: {p}" for p in rep.problems), "")
 
 
 def _conditions(rep: Report) -> None:
@@ -310,13 +322,13 @@ def _by_mech(rep: Report, metric: str, **where: object) -> str:
         return "no data"
     unit = METRICS[metric].unit
     out = []
-    keys = ["condition", "step"]
+    keys = ["condition", "step_index", "step"]
     shares = _shares(base, [*keys, "mechanism"])
-    for (cond, step), g in part.groupby(keys, sort=False):
+    for (cond, k, step), g in part.groupby(keys, sort=False):
         inner = []
         for mech in F.ordered(g.mechanism):
             vals = g[g.mechanism == mech]["value"]
-            ok, n = shares.get((cond, step, mech), (len(vals), len(vals)))
+            ok, n = shares.get((cond, k, step, mech), (len(vals), len(vals)))
             inner.append(f"{mech} {fmt(float(vals.median()), unit)} ({ok}/{n} ok)")
         out.append(f"{step}, {rep.cid(str(cond))}: " + ", ".join(inner))
     return "; ".join(out)
@@ -324,19 +336,25 @@ def _by_mech(rep: Report, metric: str, **where: object) -> str:
 
 def _q_watermarks(rep: Report, mechs: list[str]) -> None:
     rep.add("### 1. Do zone watermarks move?", "")
-    rep.figure(lambda p: F.watermarks(rep.cells, p), "watermarks.png", "watermark change")
-    moved: dict[str, list[bool]] = {}
-    for cell, _, step in resize_steps(rep.cells):
+    rep.figure(
+        lambda p: F.watermarks(rep.cells, p, rep.cond_of), "watermarks.png", "watermark change"
+    )
+    moved: dict[tuple[str, int, str, str], list[bool]] = {}
+    for cell, k, step in resize_steps(rep.cells):
         if step.cost.guest is not None:
-            moved.setdefault(cell.mechanism.label, []).append(
-                any(step.cost.guest.watermarks_moved.values())
-            )
+            key = (cell.condition.describe(), k, step.step, cell.mechanism.label)
+            moved.setdefault(key, []).append(any(step.cost.guest.watermarks_moved.values()))
+    shares = _shares(rep.table, ["condition", "step_index", "mechanism"])
     if moved:
+        parts = [
+            f"{step} ({rep.cid(cond)}) {mech} {np.mean(v):.0%} "
+            f"({shares.get((cond, k, mech), (len(v), len(v)))[0]}/"
+            f"{shares.get((cond, k, mech), (len(v), len(v)))[1]} ok)"
+            for (cond, k, step, mech), v in moved.items()
+        ]
         rep.add(
             "Share of ok resizes after which any zone's min/low/high watermark differed: "
-            + "; ".join(
-                f"{m} {np.mean(moved[m]):.0%} of {len(moved[m])}" for m in mechs if m in moved
-            )
+            + "; ".join(parts)
             + ". Median change of the summed high watermarks: "
             + _by_mech(rep, "watermark_high_change_kib")
             + ".",
@@ -369,7 +387,7 @@ def _q_swap(rep: Report, mechs: list[str]) -> None:
     rep.add(*md_table(["step", "mechanism", "ok", "latency", "swap-out pages", "pages migrated",
                        "compaction stalls", "OOM kills"], rows))  # fmt: skip
     rep.figure(
-        lambda p: F.time_series(rep.cells, rep.store.load_series, p),
+        lambda p: F.time_series(rep.cells, rep.store.load_series, p, rep.cond_of),
         "timeseries.png",
         "time series of one shrink per mechanism",
     )
@@ -417,7 +435,11 @@ def _q_granularity(rep: Report, mechs: list[str]) -> None:
 
 def _q_latency(rep: Report, mechs: list[str]) -> None:
     rep.add("### 5. Latency as a function of size (plug is asynchronous)", "")
-    rep.figure(lambda p: F.latency_vs_size(rep.good, p), "latency.png", "latency vs size")
+    rep.figure(
+        lambda p: F.latency_vs_size(rep.good, p, rep.direction_shares()),
+        "latency.png",
+        "latency vs size",
+    )
     rep.add(
         "Host-side (QMP state polled) versus guest-visible completion of grows, median: "
         "host " + _by_mech(rep, "latency_host_s", direction="grow")
@@ -436,13 +458,11 @@ def _q_latency(rep: Report, mechs: list[str]) -> None:
 
 def _q_failures(rep: Report, mechs: list[str]) -> None:
     rep.add("### 7. Failure and partial success", "")
-    counts = outcome_counts(rep.table, ["mechanism", "step"])
-    rows = []
-    for r in counts.itertuples(index=False):
-        rows.append([str(r.mechanism), str(r.step), str(r.n), str(r.ok), str(r.partial),
-                     str(r.refused), str(r.timeout), str(r.unsupported), str(r.error),
-                     str(r.skipped), str(r.cell_failed)])  # fmt: skip
-    rep.add(*md_table(["mechanism", "step", "n", "ok", "partial", "refused", "timeout",
+    counts = outcome_counts(rep.table, ["cond", "mechanism", "step"])
+    cols = ["cond", "mechanism", "step", "n", "ok", "partial", "refused", "timeout",
+            "unsupported", "error", "skipped", "cell_failed"]  # fmt: skip
+    rows = [[str(getattr(r, c)) for c in cols] for r in counts.itertuples(index=False)]
+    rep.add(*md_table(["condition", "mechanism", "step", "n", "ok", "partial", "refused", "timeout",
                        "unsupported", "error", "skipped", "cell failed"], rows))  # fmt: skip
     rep.add(
         "`skipped`: not attempted, because an earlier step of the cell left the guest off "
@@ -466,12 +486,18 @@ def _q_other_steps(rep: Report) -> None:
     def section(kind: type, title: str, name: str, describe: Callable[[object], str]) -> None:
         rep.add(title, "")
         found = _steps_of(rep, kind)
-        if not found:
+        planned = [c for c in rep.cells if any(w.split()[0] == name for w in c.condition.steps)]
+        if not found and not planned:
             rep.add(f"Not measured in this run (no `{name}` step); the `study` suite has them.",
                     "")  # fmt: skip
             return
-        rep.add(*(f"- `{c.cell}` ({c.mechanism.label}{'' if c.ok else ', cell failed'}): "
-                  f"{describe(s)}" for c, s in found), "")  # fmt: skip
+        good = [(c, s) for c, s in found if c.ok]
+        rep.add(*(f"- `{c.cell}` ({c.mechanism.label}, {rep.cid(c.condition.describe())}): "
+                  f"{describe(s)}" for c, s in good))  # fmt: skip
+        failed = sorted(c.cell for c in planned if not c.ok)
+        rep.add(f"{len(good)} of {len(planned)} cells with a `{name}` step completed"
+                + (f"; not shown, their cells failed: {', '.join(failed)}" if failed else "")
+                + ".", "")  # fmt: skip
 
     def oom(s: object) -> str:
         assert isinstance(s, OomStep)
@@ -516,16 +542,24 @@ def _q_kernel_and_workload(rep: Report) -> None:
     rep.add("### 13. Who wins depends on the workload", "")
     good = rep.good
     shrink = good[(good.metric == "latency_guest_s") & (good.direction == "shrink")]
-    for (cond, step), part in shrink.groupby(["condition", "step"], sort=False):
+    shares = _shares(rep.table, ["condition", "step_index", "mechanism"])
+    for (cond, k, step), part in shrink.groupby(["condition", "step_index", "step"], sort=False):
         med = part.groupby("mechanism")["value"].median()
         if len(med) > 1:
             best = str(med.idxmin())
+            counts = ", ".join(
+                f"{m} {shares[(cond, k, m)][0]}/{shares[(cond, k, m)][1]} ok"
+                for m in F.ordered(t[(t.condition == cond) & (t.step_index == k)].mechanism)
+            )
             rep.add(
                 f"- {step}, {rep.cid(str(cond))} ({part.workload_label.iloc[0]}): fastest "
-                f"median {best} ({fmt(float(med[best]), 's')}); significance in the verdict."
+                f"median of the ok shrinks {best} ({fmt(float(med[best]), 's')}; {counts}); "
+                "significance in the verdict."
             )
     rep.add("")
-    rep.figure(lambda p: F.fragmentation(rep.cells, p), "fragmentation.png", "fragmentation")
+    rep.figure(
+        lambda p: F.fragmentation(rep.cells, p, rep.cond_of), "fragmentation.png", "fragmentation"
+    )
     rep.figure(
         lambda p: F.workload_impact(rep.good, p),
         "impact.png",
@@ -574,7 +608,12 @@ def _published(rep: Report) -> None:
             rep.add(f"- {step}: not enough ok resizes of both mechanisms ({counts}).")
             continue
         shift, lo, hi, level = hodges_lehmann(vals["balloon"], vals[vm])
-        if lo > 0:
+        if level < CONFIDENCE:
+            says = (
+                f"no direction stated: too few ok resizes for a {CONFIDENCE:.0%} interval "
+                f"(this one is {level:.0%})"
+            )
+        elif lo > 0:
             says = "the same direction as the papers (virtio-mem faster)"
         elif hi < 0:
             says = "the opposite direction (the balloon faster)"
@@ -598,16 +637,16 @@ def _appendix(rep: Report) -> None:
     if good.empty:
         rep.add("No ok resize in this run.", "")
         return
-    keys = ["scenario", "step", "metric"]
+    keys = ["scenario", "step_index", "step", "metric"]
     codes, groups = pd.factorize(pd.MultiIndex.from_frame(good[keys]))
     values = good["value"].to_numpy(float)
     g = group_stats(values, codes, len(groups), confidence=CONFIDENCE)
     outliers = np.bincount(codes, weights=mad_outliers(values, codes), minlength=len(groups))
-    shares = _shares(rep.table, ["scenario", "step"])
+    shares = _shares(rep.table, ["scenario", "step_index"])
     rows = []
-    for k, (scenario, step, metric) in enumerate(groups):
+    for k, (scenario, index, step, metric) in enumerate(groups):
         unit = METRICS[metric].unit
-        ok, n = shares.get((scenario, step), (0, 0))
+        ok, n = shares.get((scenario, index), (0, 0))
         interval = (f"{fmt(g.ci_low[k], unit)} - {fmt(g.ci_high[k], unit)} ({g.ci_level[k]:.0%})"
                     if g.n[k] > 1 else "-")  # fmt: skip
         rows.append([
@@ -622,7 +661,7 @@ def _appendix(rep: Report) -> None:
 def build_report(store: RunStore, out: Path) -> tuple[Path, Path]:
     """Write report.md, index.html and the figures into `out`; returns (md, html)."""
     out.mkdir(parents=True, exist_ok=True)
-    cells, problems = store.load_cells()
+    cells, problems = store.load_all()
     table = tidy(cells, store.run.run_id)
     rep = Report(store, cells, problems, table, out)
     mechs = F.ordered(table.mechanism) if not table.empty else []

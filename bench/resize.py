@@ -169,7 +169,7 @@ class Failures(_Resize):
     version = "2"  # 1 counted cells; 2 counts resizes (failed cells' unreached ones included)
     params = _GRID.failure_params
     param_names = [_data.PARAM_NAMES[0], _data.PARAM_NAMES[2]]
-    unit = "share of cells"
+    unit = "share of resizes"
 
     def track_failed_share(self, cache: _data.Cache, mechanism: str, workload: str) -> float:
         """Share of the resizes that were not ok steps of ok cells."""

@@ -34,6 +34,7 @@ from dynamem.record import (
     ResizeStep,
     SettleStep,
     Timings,
+    WorkloadImpact,
 )
 from dynamem.resize import kernel_log, resize
 from dynamem.scenario import Scenario, Step
@@ -145,6 +146,9 @@ def prepare(
             undo = resize(vm, mech, -delta, deadline_s=deadline_s, stall_s=stall)
             if undo.outcome != "ok":
                 raise VMError(f"undoing a warm-up step did not complete: {undo.message}")
+        off = _off_path(vm, mech, mplan.before)
+        if off:  # e.g. a warm-up step that stopped half-way: the measured steps cannot start
+            raise VMError(f"after the warm-up, {off.removeprefix('not attempted: ')}")
     return prep, t1 - t0, time.monotonic() - t1
 
 
@@ -206,14 +210,15 @@ def _skipped(mech: Mechanism, step: Step, reason: str) -> ResizeStep:
     )
 
 
-def _attach_impact(vm: VM, log: dict[str, Any], record: CellRecord) -> None:
-    """Each resize's window, read off the impact probe's log (guest clock mapped to the
+def _impact(vm: VM, log: dict[str, Any], step: ResizeStep) -> WorkloadImpact | None:
+    """The resize's window read off the impact probe's log (the guest clock mapped to the
     host's by the sampler's timestamps)."""
+    if step.t_request_ns is None:
+        return None
     samples = vm.sampler.samples[-2000:]
     offset = int(np.median([s.arrival_ns - s.guest_ns for s in samples])) if samples else 0
-    for _, step in record.resizes():
-        done = step.t_guest_done_ns or step.t_host_done_ns
-        step.cost.workload = impact_during(log, offset, step.t_request_ns or 0, done)
+    done = step.t_guest_done_ns or step.t_host_done_ns
+    return impact_during(log, offset, step.t_request_ns, done)
 
 
 def run_cell(
@@ -270,17 +275,22 @@ def run_cell(
             sizes = iter(mplan.path)
             for k, step in enumerate(s.steps):
                 phase = f"step {k} ({step})"
-                inject.before_step(k, vm, mech)
                 if step.kind == "resize":
                     off_path = _off_path(vm, mech, next(sizes))
-                    if off_path:
+                    if off_path:  # not attempted: no fault goes into it either
                         record.steps.append(_skipped(mech, step, off_path))
                         continue
+                    inject.before_step(k, vm, mech)
                     r = resize(
                         vm, mech, step.delta, deadline_s=s.deadline, stall_s=mech.no_progress_s
                     )
-                    record.steps.append(ResizeStep.of(str(step), r))
+                    mech.after_request.clear()  # a hook never outlives its step
+                    done = ResizeStep.of(str(step), r)
+                    if isinstance(workload, Impact):  # what the workload felt, as it ends
+                        done.cost.workload = _impact(vm, workload.log_so_far(vm), done)
+                    record.steps.append(done)
                 else:
+                    inject.before_step(k, vm, mech)
                     record.steps.append(_other_step(vm, mech, workload, step))
                 vm.check_health()
             timings.steps = time.monotonic() - t
@@ -292,9 +302,7 @@ def run_cell(
                     f"workload {s.workload} died during the steps (guest OOM kills so far: "
                     f"{_oom_kills(vm)})"
                 )
-            log = workload.stop(vm)
-            if isinstance(workload, Impact) and log:
-                _attach_impact(vm, log, record)
+            workload.stop(vm)
             record.status = "ok"
     except KeyboardInterrupt:
         raise

@@ -224,9 +224,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     a, b = RunStore.open(args.run_a), RunStore.open(args.run_b)
     tables = []
     for store in (a, b):
-        cells, problems = store.load_cells()
+        cells, problems = store.load_all()  # unfinished or unreadable cells count as failed
         for problem in problems:
-            print(f"{store.directory}: unreadable cell record {problem}", file=sys.stderr)
+            print(f"{store.directory}: {problem}", file=sys.stderr)
         tables.append(tidy(cells, store.run.run_id))
     diffs = compare.identity_mismatch(
         dataclasses.asdict(a.run.metadata), dataclasses.asdict(b.run.metadata)
@@ -239,7 +239,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if table.empty and not missing:
         raise UserError("compare: the two runs have no scenario step and metric in common")
     if not table.empty:
-        print(format_table(compare.format_rows(table)))
+        print(format_table(compare.format_rows(table, args.alpha)))
         counts = table["verdict"].value_counts().to_dict()
         print(
             f"A = {a.run.run_id}, B = {b.run.run_id}; alpha {args.alpha}, noise "
@@ -249,8 +249,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"missing in B: {line}", file=sys.stderr)
     if compare.regressed(table, missing):
         print(
-            "dynamem: regression: B is slower or worse than A, fails more often, or lacks "
-            "what A measured",
+            "dynamem: regression: B is slower or worse than A, changed where either direction "
+            "matters, fails more often, or lacks what A measured",
             file=sys.stderr,
         )
         return 1
@@ -273,6 +273,8 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     result = nightly.record(raw, layout)
     for cell in result.cells_failed:
         print(f"cell {cell} failed (see {raw / 'cells' / cell}.json)", file=sys.stderr)
+    for line in result.resizes_not_ok:
+        print(f"not every resize was ok: {line}", file=sys.stderr)
     if result.asv_run_status:
         print(f"asv run exited {result.asv_run_status}: some benchmarks failed", file=sys.stderr)
     if result.publish_status:

@@ -121,6 +121,10 @@ def _git(repo: Path, *args: str, env: dict[str, str] | None = None) -> str:
 
 
 def manifest_of(run: RunRecord, cells: list[CellRecord], raw: Path) -> dict[str, Any]:
+    """What a timeline commit says of its run; resize outcomes from the metric table."""
+    from dynamem.analysis.metrics import outcome_counts, tidy
+
+    counts = outcome_counts(tidy(cells, run.run_id))
     meta = run.metadata
     return {
         "run_id": run.run_id,
@@ -130,6 +134,11 @@ def manifest_of(run: RunRecord, cells: list[CellRecord], raw: Path) -> dict[str,
         "cells": len(run.order),
         "cells_finished": len(cells),
         "cells_failed": sorted(c.cell for c in cells if not c.ok),
+        "resizes_not_ok": [
+            f"{r.scenario} step {r.step_index} ({r.step}): {r.ok}/{r.n} ok"
+            for r in counts.itertuples(index=False)
+            if r.ok < r.n
+        ],
         "qemu_version": meta.qemu_version,
         "accel": meta.accel,
         "accel_reason": meta.accel_reason,
@@ -349,6 +358,7 @@ class Nightly:
     commit: str
     machine: str
     cells_failed: list[str]
+    resizes_not_ok: list[str]
     asv_run_status: int
     publish_status: int
     html: Path
@@ -403,6 +413,7 @@ def record(raw: Path, layout: Layout) -> Nightly:
         commit=commit,
         machine=entry["machine"],
         cells_failed=manifest["cells_failed"],
+        resizes_not_ok=manifest["resizes_not_ok"],
         asv_run_status=run_status,
         publish_status=publish_status,
         html=layout.html,

@@ -258,6 +258,10 @@ Step = Annotated[
 # -- the cell --------------------------------------------------------------------------------
 
 
+# The mechanisms' own no-progress limits (dynamem.mechanisms), to tell a scenario's choice.
+NO_PROGRESS_DEFAULTS = {"balloon": 30.0, "dimm": 30.0, "virtio-mem": 160.0}
+
+
 @dataclass(frozen=True)
 class MechanismConfig(_Record):
     """The mechanism and every option of it a scenario set; `label` names it in reports."""
@@ -272,10 +276,19 @@ class MechanismConfig(_Record):
 
     @property
     def label(self) -> str:
+        """The name a reader sees; every option a scenario set beyond the defaults is in it,
+        so mechanisms configured differently are never pooled."""
         base = self.name if self.variant in ("", "default") else f"{self.name}/{self.variant}"
         if self.dimm_size not in (None, 128 * MiB):
             base += f"/{format_size(self.dimm_size or 0)}"
-        return base
+        extra = [
+            f"{what} {format_size(value)}"
+            for what, value in (("boot", self.boot_memory), ("maxmem", self.maxmem))
+            if value
+        ]
+        if self.no_progress_s not in (None, NO_PROGRESS_DEFAULTS.get(self.name)):
+            extra.append(f"no-progress {self.no_progress_s:g}s")
+        return base + (f" ({', '.join(extra)})" if extra else "")
 
 
 @dataclass(frozen=True)
@@ -571,7 +584,8 @@ def _v1_mechanism(raw: dict[str, Any], steps: list[dict[str, Any]]) -> Mechanism
         block_size=cfg.get("block_size") if name == "virtio-mem" else None,
         boot_memory=parse_size(raw["boot_memory"]) if raw.get("boot_memory") else None,
         maxmem=parse_size(raw["maxmem"]) if raw.get("maxmem") else None,
-        no_progress_s=30.0,  # format 1 had one fixed no-progress limit
+        no_progress_s=NO_PROGRESS_DEFAULTS.get(name, 30.0),  # format 1: 30 s for all; kept out
+        # of the label, so a format-1 mechanism reads as the same mechanism
     )
 
 
@@ -587,7 +601,9 @@ def _v1_condition(raw: dict[str, Any], context: dict[str, Any], accel: str) -> C
         workload_size=_v1_size(raw.get("workload_size"), memory) if workload != "idle" else 0,
         touch=0,
         swap=str(raw.get("swap", "disk")),
-        swap_size=_v1_size(raw.get("swap_size"), memory, 1 << 30),
+        swap_size=_v1_size(raw.get("swap_size"), memory, 1 << 30)
+        if raw.get("swap", "disk") != "none"
+        else 0,
         memhp_default_state=str(raw.get("memhp_default_state", "online_movable")),
         kernel_args=tuple(str(a) for a in raw.get("kernel_args", ())),
         warmup=bool(raw.get("warmup", True)),
@@ -611,6 +627,25 @@ def _v1_step(step: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _v1_off_path(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Format 1 attempted a resize after a partial one, from the wrong size (a grow of 256M
+    after a shrink that stopped at 128M): format 2 records those as `skipped`."""
+    out, off = [], False
+    for step in steps:
+        if step.get("kind") == "resize":
+            if off:
+                was = f"{step.get('outcome')}: {step.get('message', '')}".strip(": ")
+                step = {**step, "outcome": "skipped",
+                        "message": f"attempted off the planned path after a partial step "
+                                   f"(format 1 recorded it as {was})"}  # fmt: skip
+            elif step.get("outcome") == "partial" or (
+                step.get("outcome") == "timeout" and step.get("host_done_bytes")
+            ):
+                off = True
+        out.append(step)
+    return out
+
+
 def upgrade_cell_v1(data: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
     """A format-1 cell record as format-2 data (pure; the file is never rewritten)."""
     raw = data.get("scenario_config") or {}
@@ -622,7 +657,7 @@ def upgrade_cell_v1(data: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]
         format=FORMAT_VERSION,
         mechanism=to_json_data(_v1_mechanism(raw, steps)),
         condition=to_json_data(_v1_condition(raw, context, accel)),
-        steps=[_v1_step(s) for s in data.get("steps") or []],
+        steps=_v1_off_path([_v1_step(s) for s in data.get("steps") or []]),
         context=context or None,
     )
     if context:

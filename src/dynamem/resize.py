@@ -150,6 +150,7 @@ def resize(
         ch.set_interval(int(sample_interval_s * 1e9))
         _wait_samples(vm, mark, 3)
         req: Request | None = None
+        mech.before_request(vm)
         start_bytes = mech.host_bytes(vm)
         t_req = time.monotonic_ns()
         res.t_request_ns = t_req

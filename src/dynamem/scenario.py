@@ -329,6 +329,10 @@ def build_scenario(data: dict[str, Any], where: str) -> Scenario:
         raise UserError(
             f"{where}: touch {format_size(scenario.touch)} is not below the guest's memory"
         )
+    fault = scenario.inject
+    after_request = fault is not None and fault.kind in faults.AFTER_REQUEST
+    if after_request and fault and fault.step is not None and steps[fault.step].kind != "resize":
+        raise UserError(f"{where}: {fault} needs a resize at step {fault.step}")
     if workload in ("stress", "impact") and scenario.workload_size >= memory:
         raise UserError(
             f"{where}: workload_size {format_size(scenario.workload_size)} is not below the "

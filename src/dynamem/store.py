@@ -141,6 +141,40 @@ class RunStore:
                 problems.append(f"{path.name}: {exc}")
         return cells, problems
 
+    def load_all(self) -> tuple[list[CellRecord], list[str]]:
+        """Every planned cell, for analysis: the readable records, plus a failed placeholder
+        for each cell of the run's order that has none (never finished, or unreadable), so
+        that every share counts it. A placeholder takes its condition and mechanism from
+        another cell of its scenario; with none to take them from, it is a problem only
+        (a `compare` still names the scenario as missing)."""
+        cells, problems = self.load_cells()
+        have = {c.cell for c in cells}
+        unreadable = {p.split(":", 1)[0].removesuffix(".json") for p in problems}
+        sibling = {c.scenario: c for c in cells}
+        for cell_id in self.run.order:
+            if cell_id in have:
+                continue
+            scenario, _, repeat = cell_id.rpartition("-r")
+            why = "unreadable record" if cell_id in unreadable else "never finished"
+            like = sibling.get(scenario)
+            if like is None or not repeat.isdigit():
+                problems.append(f"cell {cell_id}: {why}, and no cell of its scenario to count it")
+                continue
+            cells.append(
+                CellRecord(
+                    cell=cell_id,
+                    scenario=scenario,
+                    repeat=int(repeat),
+                    mechanism=like.mechanism,
+                    condition=like.condition,
+                    status="failed",
+                    failed_at=why,
+                    error=f"{why}: no result for this cell",
+                    reproduces=like.reproduces,
+                )  # fmt: skip
+            )
+        return cells, problems
+
     def set_aside_invalid(self) -> list[str]:
         """Rename each cell record that fails validation to `<cell>.json.invalid` (kept as
         evidence), so the cell counts as not done and a resume runs it again; returns the

@@ -182,6 +182,10 @@ class Impact:
         if self.pid is not None:
             vm.run(["kill", str(self.pid)], check=False)
             self.pid = None
+        return self.log_so_far(vm)
+
+    def log_so_far(self, vm: "VM") -> dict[str, Any]:
+        """The probe's log up to now (it flushes every line), read between steps."""
         text = vm.run(["cat", self.log], timeout=60, check=False).stdout
         rows = [line.split() for line in text.splitlines() if len(line.split()) == 2]
         data = np.array(rows, dtype=np.int64).reshape(-1, 2)

@@ -228,3 +228,18 @@ def test_fault_injection_uses_the_after_request_hook_once():
     assert len(vm.ran) == 1 and "sysrq-trigger" in " ".join(vm.ran[0])
     mech.request(vm, -128 * MiB, GiB)  # one shot: the next request is left alone
     assert len(vm.ran) == 1
+
+
+def test_a_dimm_removed_after_its_eject_ended_is_forgotten_before_the_next_request():
+    """An eject that completes after its request gave up (a slow guest) leaves the DIMM in
+    the mechanism's list; the next request starts from what QEMU really has."""
+    mech = Dimm().with_plan(Dimm().plan(GiB, -256 * MiB, None, None))
+    qemu = FakeDimmQemu(room=2)
+    mech.request(qemu, 256 * MiB, 0)
+    assert set(qemu.devices) == {"dimm0", "dimm1"}
+    qemu.devices.pop("dimm1")  # the guest finished ejecting it late
+    qemu.room = 1
+    mech._reconcile(qemu)
+    assert mech._plugged == ["dimm0"] and "dimm1-mem" not in qemu.objects
+    req = mech.request(qemu, 128 * MiB, 128 * MiB)  # one free slot again: not refused
+    assert req.refused == [] and set(qemu.devices) == {"dimm0", "dimm2"}

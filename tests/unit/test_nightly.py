@@ -145,3 +145,12 @@ def test_a_script_without_a_local_copy_stays_on_its_cdn(tmp_path):
     (tmp_path / "index.html").write_text(tag)
     assert nightly.localize(tmp_path) == ["https://cdn.example.invalid/x.js"]
     assert (tmp_path / "index.html").read_text() == tag
+
+
+def test_the_manifest_counts_resizes_that_were_not_ok():
+    from .records import quick_pair, run_record
+
+    cells = [quick_pair("s", 1, 1.0), quick_pair("s", 2, 1.0, shrink_outcome="timeout")]
+    manifest = nightly.manifest_of(run_record([c.cell for c in cells]), cells, Path("/raw"))
+    assert manifest["cells_failed"] == []
+    assert manifest["resizes_not_ok"] == ["s step 0 (shrink 256M): 1/2 ok"]

@@ -102,3 +102,14 @@ def test_transient_series_stay_out_of_the_json():
 def test_fixture_files_are_format_1():
     for name in FORMAT1_CELLS:
         assert "format" not in json.loads((FIXTURES / name).read_text())
+
+
+def test_format1_resizes_attempted_off_the_planned_path_become_skipped():
+    """In the quick run at 115d3f6 a DIMM shrink under stress stalled half-way, and the grow
+    after it asked for two DIMMs with one slot free ('refused'): not the mechanism's no."""
+    run = json.loads((FORMAT1_QUICK / "run.json").read_text())
+    path = FORMAT1_QUICK / "cells" / "dimm-stress-r1.json"
+    record = load_cell(json.loads(path.read_text()), run, path.stem)
+    shrink, grow = (s for _, s in record.resizes())
+    assert shrink.outcome == "partial"
+    assert grow.outcome == "skipped" and "format 1 recorded it as refused" in grow.message

@@ -126,23 +126,24 @@ def write_run(tmp_path, cells, name="run"):
 
 
 def test_report_keeps_failed_and_partial_resizes_out_of_every_figure(tmp_path):
-    """Balloon shrinks: 3 ok at about 4 s; one partial at 0.3 s; one timed out at 0.2 s;
-    one cell failed after an ok 0.1 s shrink. None of the fast, failed numbers may show."""
-    cells = run_of([4.0, 4.1, 3.9, 0.3, 0.2], fail=(4,))
+    """Balloon shrinks: 3 ok at about 4 s; one partial at 0.333 s; one timed out at 0.222 s;
+    one cell failed after an ok 0.111 s shrink. None of the fast, failed numbers may show
+    anywhere in the report."""
+    cells = run_of([4.0, 4.1, 3.9, 0.333, 0.222], fail=(4,))
     cells[3].steps[0].outcome = "partial"
-    failed = quick_pair("s", 6, 0.1, status="failed", error="workload stop: died")
+    failed = quick_pair("s", 6, 0.111, status="failed", error="workload stop: died")
     virtio = run_of([2.0, 2.1, 1.9, 2.05, 1.95], mech="virtio-mem", variant="sbm", scenario="v")
     store = write_run(tmp_path, [*cells, failed, *virtio])
     md = build_report(store, tmp_path / "out")[0].read_text()
     verdict = next(line for line in md.splitlines() if line.startswith("| shrink 256M: latency"))
     assert "4.00 s [3.90 s, 4.10 s] 75%, 3/6 ok" in verdict
     assert "2.00 s [1.90 s, 2.10 s] 94%, 5/5 ok" in verdict
-    shrink_lines = [x for x in md.splitlines() if "shrink" in x and "balloon" not in x[:3]]
-    for fast in ("300 ms", "200 ms", "100 ms"):
-        assert not any(fast in x and "| s |" not in x for x in shrink_lines if "3/6" in x), fast
+    for fast in ("333 ms", "222 ms", "111 ms"):
+        assert fast not in md, fast
     q2 = next(x for x in md.splitlines() if x.startswith("| shrink 256M (C1) | balloon |"))
     assert q2.startswith("| shrink 256M (C1) | balloon | 3/6 | 4.00 s |")
-    assert "| balloon | shrink 256M | 6 | 3 | 1 | 0 | 1 | 0 | 0 | 0 | 1 |" in md  # question 7
+    q7 = "| C1: idle | balloon | shrink 256M | 6 | 3 | 1 | 0 | 1 | 0 | 0 | 0 | 1 |"
+    assert q7 in md
     assert "`s-r6`: workload stop: died" in md
 
 
@@ -159,6 +160,17 @@ def test_report_never_pools_unlike_conditions(tmp_path):
     assert len(rows) == 2
     assert all(("3.00 s" in r) == (f"({cid}, idle)" in r) for r in rows)
     assert any("1.00 s" in r for r in rows)
+    # Question 7 keeps them apart too, and the record-based figures label by condition.
+    assert f"| {cid}: idle | balloon | shrink 256M | 5 | 5 |" in md
+    from dynamem.analysis import figures
+
+    real = [fixture_cell("cell-virtio-mem-stress.json"), fixture_cell("cell-balloon-idle.json")]
+    label = {"virtio-mem-stress": "C1: stress 614M", "study-balloon": "C2: idle"}
+    rows = figures._watermark_rows(real, lambda cell: label.get(cell.scenario, "C2: idle"))
+    assert {"shrink 256M, C1: stress 614M", "grow 256M, C1: stress 614M"} <= set(rows.direction)
+    assert any(d.endswith("C2: idle") for d in rows.direction)
+    frag = figures._frag_rows(real, lambda cell: label.get(cell.scenario, "C2: idle"))
+    assert set(frag.workload) == {"C1: stress 614M", "C2: idle"}
 
 
 def test_report_of_a_real_format1_run_with_failures(tmp_path):
@@ -194,9 +206,11 @@ def test_report_covers_impact_free_reboot_and_failed_cells(tmp_path):
     (store.cells_dir / "broken.json").write_text("{")
     md = build_report(store, tmp_path / "out")[0].read_text()
     assert "1 failed" in md and "workload stress died" in md
-    assert "unreadable record broken.json" in md  # reported, never skipped silently
-    assert "`vmem-reboot-r1` (virtio-mem/sbm): host-side memory" in md
-    assert "`fpr-free-r1` (balloon/fpr, cell failed): RSS released" in md
+    assert "problem: broken.json" in md  # reported, never skipped silently
+    assert "`vmem-reboot-r1` (virtio-mem/sbm, C" in md and "): host-side memory" in md
+    q10 = md.split("### 10.")[1].split("### 11.")[0]
+    assert "RSS released" not in q10  # the free step's cell failed: counted, not shown
+    assert "0 of 1 cells with a `free` step completed; not shown, their cells failed: " in q10
     assert (tmp_path / "out" / "impact.png").stat().st_size > 10_000
 
 
@@ -221,3 +235,30 @@ def test_published_comparison_states_a_direction_only_when_the_interval_excludes
     md = build_report(store, tmp_path / "out")[0].read_text()
     line = next(x for x in md.splitlines() if x.startswith("- shrink 3584M: balloon /"))
     assert "4.03x" in line and "the same direction as the papers" in line and "97%" in line
+
+
+def test_cells_that_never_finished_count_as_failed_in_compare(tmp_path):
+    """B lost two of its five cells (never written): 5/5 -> 3/5, a regression."""
+    a = write_run(tmp_path, run_of(BASE), "a")
+    cells = run_of(BASE)
+    store = RunStore.create(tmp_path / "b", run_record([c.cell for c in cells]))
+    for cell in cells[:3]:
+        store.write_cell(cell)
+    (store.cells_dir / f"{cells[3].cell}.json").write_text("{broken")
+    loaded, problems = store.load_all()
+    assert len(loaded) == 5 and [c.failed_at for c in loaded if not c.ok] == [
+        "unreadable record",
+        "never finished",
+    ]
+    table, missing = compare_tables(tidy(a.load_all()[0]), tidy(loaded))
+    share = table[(table.metric == "succeeded") & (table.step == "shrink 256M")].iloc[0]
+    assert share.note == "5/5 -> 3/5" and share.verdict == "worse" and regressed(table, missing)
+
+
+def test_a_change_where_either_direction_matters_is_compared_and_fails():
+    a, b = run_of(BASE), run_of(BASE)
+    for cell in b:
+        cell.steps[0].guest_memtotal_delta_bytes = cell.steps[0].requested_bytes - (64 << 20)
+    table, missing = compare_tables(tidy(a), tidy(b))
+    row = table[(table.metric == "memtotal_error_mib") & (table.step == "shrink 256M")].iloc[0]
+    assert row.verdict == "changed" and regressed(table, missing)

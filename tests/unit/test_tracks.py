@@ -193,6 +193,8 @@ def test_thresholds_come_from_night_to_night_noise_or_the_run(run_dir):
     history = {"shrink_latency": [[1.0, 1.3, 1.0, 1.3, 1.0]]}
     out = thresholds(cache, history)
     assert out[r".*\.track_shrink_latency\b"] == pytest.approx(2 * (0.3 + 0.3 / 1.3) / 2, abs=1e-3)
+    ok_steps = out.pop(r".*\.track_ok_steps_")
+    assert ok_steps == 100.0  # informational: never a regression
     assert all(0.05 <= v <= 1.0 for v in out.values())
     assert len(out) == len(TRACKS)
 

@@ -181,6 +181,9 @@ class Mechanism(abc.ABC):
         bytes plugged above boot RAM)."""
         return size - self.planned().boot
 
+    def before_request(self, vm: "VM") -> None:  # noqa: B027 - optional hook
+        """Read what the request will be judged against, outside the timed window."""
+
     def request(self, vm: "VM", delta: int, start: int) -> Request:
         """Send the resize to QEMU; returns at once (the guest completes asynchronously).
 

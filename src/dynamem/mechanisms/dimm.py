@@ -83,6 +83,7 @@ class Dimm(Mechanism):
     def _fresh(self) -> None:
         self._plugged: list[str] = []  # DIMM ids, oldest first
         self._next_id = 0
+        self._ost_before: dict[str, tuple[int, int]] = {}
 
     @property
     def granularity(self) -> int:
@@ -120,6 +121,23 @@ class Dimm(Mechanism):
     def host_bytes(self, vm: "VM") -> int:
         return sum(self._dimms(vm).values())
 
+    def before_request(self, vm: "VM") -> None:
+        """The slots' last _OST status before the request (QEMU keeps it per slot), and DIMMs
+        an earlier eject removed late (after its request ended) forgotten, their backends
+        deleted."""
+        self._reconcile(vm)
+        self._ost_before = {
+            str(st.get("device")): (int(st["source"]), int(st["status"]))
+            for st in vm.qmp("query-acpi-ospm-status")
+            if st.get("device")
+        }
+
+    def _reconcile(self, vm: "VM") -> None:
+        present = self._dimms(vm)
+        for dimm_id in [d for d in self._plugged if d not in present]:
+            self._plugged.remove(dimm_id)
+            vm.qmp("object-del", id=f"{dimm_id}-mem")
+
     def _send(self, vm: "VM", delta: int, start: int) -> Request:
         count = abs(delta) // self.dimm_size
         req = Request(target=start + delta, start=start)
@@ -143,11 +161,7 @@ class Dimm(Mechanism):
         if count > len(self._plugged):
             raise UserError(f"only {len(self._plugged)} DIMMs are plugged; cannot unplug {count}")
         victims = self._plugged[-count:]
-        req.extra["ost_before"] = {
-            str(st.get("device")): (int(st["source"]), int(st["status"]))
-            for st in vm.qmp("query-acpi-ospm-status")
-            if st.get("device")
-        }
+        req.extra["ost_before"] = dict(self._ost_before)
         req.extra["listener"] = vm.monitor.listen(EVENTS)
         for dimm_id in reversed(victims):
             try:
@@ -202,10 +216,7 @@ class Dimm(Mechanism):
     def finish(self, vm: "VM", req: Request) -> None:
         if listener := req.extra.pop("listener", None):
             vm.monitor.unlisten(listener)
-        present = self._dimms(vm)
-        for dimm_id in [d for d in self._plugged if d not in present]:
-            self._plugged.remove(dimm_id)
-            vm.qmp("object-del", id=f"{dimm_id}-mem")
+        self._reconcile(vm)
 
     def describe(self) -> dict[str, Any]:
         return {
