@@ -11,6 +11,14 @@ SWAP_KINDS = ("none", "disk", "zram")
 ONLINE_STATES = ("online", "online_kernel", "online_movable", "offline")
 
 
+def default_cpu(accel: str) -> str:
+    """KVM: the host's own CPU. TCG: see DEFAULT_TCG_CPU."""
+    return "host" if accel == "kvm" else DEFAULT_TCG_CPU
+
+
+DEFAULT_TCG_CPU = "max"
+
+
 @dataclass(frozen=True)
 class VMConfig:
     kernel: Path
@@ -21,7 +29,10 @@ class VMConfig:
     slots: int = 0
     cpus: int = 2
     machine: str = "q35"
-    cpu: str | None = None  # default: "host" under KVM, "max" under TCG
+    cpu: str | None = None  # None: default_cpu(accel)
+    # TCG with one instruction per virtual nanosecond and no sleeping: guest time counts
+    # guest instructions, so the guest-side part of a cost is free of host noise.
+    icount: bool = False
     memhp_default_state: str = "online_movable"
     kernel_args: tuple[str, ...] = ()
     # Raw device/object arguments added by mechanisms, e.g. ("-device", "virtio-balloon-pci").
@@ -41,6 +52,13 @@ class VMConfig:
             raise UserError(f"guest memory {self.memory} must be a positive multiple of 1 MiB")
         if self.cpus < 1:
             raise UserError(f"cpus must be at least 1, got {self.cpus}")
+        if self.icount and (self.accel != "tcg" or self.cpus != 1):
+            raise UserError(
+                "icount needs --accel tcg and 1 vCPU (single-threaded TCG; with more vCPUs "
+                "the guest stalled here)"
+            )
+        if self.cpu == "host" and self.accel == "tcg":
+            raise UserError("-cpu host needs KVM; under TCG choose a model such as qemu64 or max")
         if self.memhp_default_state not in ONLINE_STATES:
             raise UserError(
                 f"unknown memhp_default_state {self.memhp_default_state!r} "
@@ -63,6 +81,11 @@ class VMConfig:
             )
         if self.swap != "none" and (self.swap_size <= 0 or self.swap_size % MiB):
             raise UserError(f"swap size {self.swap_size} must be a positive multiple of 1 MiB")
+
+    @property
+    def cpu_model(self) -> str:
+        """The -cpu the guest gets: chosen, or the default for the accelerator."""
+        return self.cpu or default_cpu(self.accel)
 
     @property
     def swap_args(self) -> tuple[str, ...]:
@@ -126,7 +149,7 @@ def memory_arg(config: VMConfig) -> str:
 
 
 def build_argv(config: VMConfig, files: RunFiles) -> list[str]:
-    cpu = config.cpu or ("host" if config.accel == "kvm" else "max")
+    cpu = config.cpu_model
     argv = [
         config.qemu_binary,
         "-name",
@@ -138,11 +161,12 @@ def build_argv(config: VMConfig, files: RunFiles) -> list[str]:
         "-machine",
         config.machine,
         "-accel",
-        config.accel,
+        "tcg,thread=single" if config.icount else config.accel,
         "-cpu",
         cpu,
         "-smp",
         str(config.cpus),
+        *(("-icount", "shift=0,sleep=off") if config.icount else ()),
         "-m",
         memory_arg(config),
         "-kernel",
