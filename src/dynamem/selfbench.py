@@ -17,6 +17,7 @@ from dynamem.launch import Plan
 from dynamem.paths import make_run_dir
 from dynamem.qemu.machine import VM
 from dynamem.qemu.process import QemuProcess
+from dynamem.units import format_size
 
 INIT_MARK = "dynamem-init: started"
 
@@ -112,32 +113,63 @@ def bench_boot(plan: Plan, repeats: int, report: Callable[[str], None]) -> BootB
     return BootBench(bare, ours)
 
 
-@dataclass(frozen=True)
+ARMS_BARE = "bare"
+
+
+@dataclass
 class ResizeBench:
-    """Host-side latencies (s) of dynamem's resize and of a bare QMP script, per direction."""
+    """One mechanism's resizes in one VM: dynamem under each observer setting and a bare
+    QMP script, interleaved, each arm's host-side latencies (s) per direction."""
 
-    harness: dict[str, list[float]]
-    bare: dict[str, list[float]]
-    guest_bounds: list[float]
+    mechanism: str
+    workload: str
+    size: int
+    cpu_model: str
+    host: dict[str, dict[str, list[float]]]  # arm -> direction -> host-side latency
+    guest: dict[str, dict[str, list[float]]]  # harness arm -> direction -> guest-visible
+    bounds: dict[str, list[float]]  # harness arm -> guest-visible bound of each resize
+    targets: dict[str, list[float]]  # harness arm -> max(5 ms, 1% latency) of each resize
+    sampler_share: dict[str, list[float]]  # harness arm -> sampler CPU / window (one vCPU)
+    loads: list[float]  # the host's 1-minute load average at each repeat
 
-    def summary(self, direction: str) -> tuple[float, float, float, float]:
-        h = statistics.median(self.harness[direction])
-        b = statistics.median(self.bare[direction])
-        return h, b, h / b, h - b
+    def paired_ratios(self, arm: str, direction: str, against: str = ARMS_BARE) -> list[float]:
+        """arm / against per repeat (the two ran back to back in the same guest)."""
+        return [
+            a / b
+            for a, b in zip(self.host[arm][direction], self.host[against][direction], strict=True)
+        ]
 
-    def ratio_ci(
-        self, direction: str, resamples: int = 10_000, seed: int = 0
-    ) -> tuple[float, float]:
-        """Bootstrap 95% interval of the ratio of medians (vectorized, seeded)."""
-        import numpy as np
+    def ratio(self, arm: str, direction: str, against: str = ARMS_BARE) -> "Ratio":
+        return median_ratio(self.paired_ratios(arm, direction, against))
 
-        rng = np.random.default_rng(seed)
-        h = np.asarray(self.harness[direction])
-        b = np.asarray(self.bare[direction])
-        hm = np.median(rng.choice(h, (resamples, len(h))), axis=1)
-        bm = np.median(rng.choice(b, (resamples, len(b))), axis=1)
-        low, high = np.percentile(hm / bm, [2.5, 97.5])
-        return float(low), float(high)
+
+@dataclass(frozen=True)
+class Ratio:
+    """The median of paired ratios with its distribution-free order-statistic interval."""
+
+    median: float
+    low: float
+    high: float
+    level: float  # the interval's exact coverage (below 95% when n is too small for it)
+    n: int
+
+
+def median_ratio(ratios: list[float], confidence: float = 0.95) -> Ratio:
+    import numpy as np
+
+    from dynamem.analysis.stats import median_ci_ranks
+
+    x = np.sort(np.asarray(ratios, dtype=np.float64))
+    lo, hi, level = median_ci_ranks(np.array([len(x)]), confidence)
+    return Ratio(float(np.median(x)), float(x[lo[0]]), float(x[hi[0]]), float(level[0]), len(x))
+
+
+def _arm_order(arms: list[str], i: int) -> list[str]:
+    """Repeat i starts with a different arm each time (and reverses every other round), so
+    a drifting host does not favour one arm."""
+    k = i % len(arms)
+    order = arms[k:] + arms[:k]
+    return order if (i // len(arms)) % 2 == 0 else order[::-1]
 
 
 def bench_resize(
@@ -148,33 +180,55 @@ def bench_resize(
     report: Callable[[str], None],
     *,
     memory: int = 2 << 30,
+    observers: tuple[str, ...] = ("adaptive",),
+    stress: int = 0,
     **vm_options: object,
 ) -> ResizeBench:
-    """Grow and shrink by `size` in one VM, alternating dynamem and the bare script."""
+    """Grow and shrink by `size` in one VM, interleaving dynamem (one arm per observer
+    setting) and a bare QMP script (polling every `interval`) on the same guest.
+
+    With `stress`, `stress --vm-bytes N --vm-keep` is (re)started before every shrink, so
+    each arm's shrink finds a freshly allocated working set (it fills hotplugged memory
+    first, which a hotplug shrink must then migrate). The guest has `memory` when each
+    shrink starts; DIMM arms plug first and remove what they plugged (the bare script can
+    only remove its own DIMMs), the others shrink first and grow back.
+    """
     import dataclasses
+    import os
     import shutil
     import tempfile
 
     from dynamem import mechanisms
     from dynamem.bareqmp import BareQMP, bare_resize
+    from dynamem.observer import observer
     from dynamem.resize import resize
     from dynamem.single import plan_for
+    from dynamem.workloads import Stress
 
+    for name in observers:
+        observer(name)  # unknown names fail before anything boots
     mech = mechanisms.make(mechanism)
-    before = memory
-    mplan = mech.plan(before, -size, None, None)
-    if mechanism == "dimm":
-        # Room for the harness's DIMMs and the bare script's, which use their own ids.
-        mplan = mech.plan(before, -size, None, mplan.boot + 2 * size)
+    plugs_first = mechanism == "dimm"
+    steps = (
+        [(size, "grow"), (-size, "shrink")] if plugs_first else [(-size, "shrink"), (size, "grow")]
+    )
+    mplan = mech.plan(memory - size if plugs_first else memory, steps[0][0], None, None)
     plan = plan_for(mech, mplan, **vm_options)
     side = Path(tempfile.mkdtemp(prefix="dynamem-bare-"))
     sock = side / "qmp.sock"
     config = dataclasses.replace(
         plan.config, extra_args=plan.config.extra_args + ("-qmp", f"unix:{sock},server=on,wait=off")
     )
-    harness: dict[str, list[float]] = {"grow": [], "shrink": []}
-    bare: dict[str, list[float]] = {"grow": [], "shrink": []}
-    bounds: list[float] = []
+    arms = [ARMS_BARE, *observers]
+    out = ResizeBench(
+        mechanism, "stress" if stress else "idle", size, config.cpu_model,
+        host={a: {"grow": [], "shrink": []} for a in arms},
+        guest={a: {"grow": [], "shrink": []} for a in observers},
+        bounds={a: [] for a in observers},
+        targets={a: [] for a in observers},
+        sampler_share={a: [] for a in observers},
+        loads=[],
+    )  # fmt: skip
     dimm_size = getattr(mech, "dimm_size", 0)
     try:
         with VM(config) as vm:
@@ -182,31 +236,145 @@ def bench_resize(
             qmp = BareQMP(str(sock))
             if mplan.prepare:
                 resize(vm, mech, mplan.prepare)
-            # Steps that keep the guest between `before - size` and `before`.
-            steps = [(-size, "shrink"), (size, "grow")]
+            workload = Stress(stress) if stress else None
             for i in range(repeats):
-                for who in ("harness", "bare") if i % 2 == 0 else ("bare", "harness"):
-                    for delta, direction in (
-                        steps
-                        if mechanism != "dimm" or who == "harness"
-                        else [(size, "grow"), (-size, "shrink")]
-                    ):
-                        if who == "harness":
-                            r = resize(vm, mech, delta, poll_interval_s=interval)
-                            if r.outcome != "ok" or r.host_latency_s is None:
-                                raise VMError(f"harness {direction}: {r.outcome} {r.message}")
-                            harness[direction].append(r.host_latency_s)
-                            if r.guest_bound_s is not None:
-                                bounds.append(r.guest_bound_s)
-                            t = r.host_latency_s
-                        else:
+                out.loads.append(os.getloadavg()[0])
+                for arm in _arm_order(arms, i):
+                    for delta, direction in steps:
+                        if workload is not None and direction == "shrink":
+                            workload.stop(vm)
+                            workload.start(vm)
+                        if arm == ARMS_BARE:
                             t = bare_resize(qmp, mechanism, delta, interval, dimm_size)
-                            bare[direction].append(t)
-                        report(f"repeat {i + 1}/{repeats} {who:7} {direction:6} {t * 1000:8.1f} ms")
+                            out.host[arm][direction].append(t)
+                            report(
+                                f"repeat {i + 1}/{repeats} {arm:9} {direction:6} host "
+                                f"{t * 1000:8.1f} ms"
+                            )
+                            continue
+                        r = resize(vm, mech, delta, observer_setting=arm)
+                        if r.outcome != "ok" or r.host_latency_s is None:
+                            raise VMError(f"{arm} {direction}: {r.outcome} {r.message}")
+                        out.host[arm][direction].append(r.host_latency_s)
+                        if r.guest_latency_s is not None:
+                            out.guest[arm][direction].append(r.guest_latency_s)
+                        if r.guest_bound_s is not None and r.guest_bound_target_s is not None:
+                            out.bounds[arm].append(r.guest_bound_s)
+                            out.targets[arm].append(r.guest_bound_target_s)
+                        if r.sampler_cpu_share is not None:
+                            out.sampler_share[arm].append(r.sampler_cpu_share)
+                        guest = (
+                            "-" if r.guest_latency_s is None else f"{r.guest_latency_s * 1000:.1f}"
+                        )
+                        report(
+                            f"repeat {i + 1}/{repeats} {arm:9} {direction:6} host "
+                            f"{r.host_latency_s * 1000:8.1f} ms, guest {guest} ms, sampler "
+                            f"{(r.sampler_cpu_share or 0) * 100:.2f}% of a vCPU"
+                        )
+            if workload is not None:
+                workload.stop(vm)
             qmp.close()
     finally:
         shutil.rmtree(side, ignore_errors=True)
-    return ResizeBench(harness, bare, bounds)
+    return out
+
+
+TARGET_RATIO = 1.05
+
+
+def _verdict(r: Ratio) -> str:
+    if r.median <= TARGET_RATIO and r.high <= TARGET_RATIO:
+        return "meets <= 1.05"
+    if r.median <= TARGET_RATIO:
+        return "median meets <= 1.05, interval reaches above"
+    if r.low <= TARGET_RATIO:
+        return "ABOVE 1.05, interval reaches below (not resolved)"
+    return "ABOVE 1.05"
+
+
+def resize_lines(b: ResizeBench) -> list[str]:
+    """What `dynamem bench resize` prints for one mechanism (medians, paired ratios)."""
+
+    def ms(xs: list[float]) -> str:
+        return f"{statistics.median(xs) * 1000:.1f} ms" if xs else "-"
+
+    lines = [
+        f"{b.mechanism} {b.workload} {format_size(b.size)}, -cpu {b.cpu_model}; host load "
+        f"(1 min) {min(b.loads):.2f}-{max(b.loads):.2f} over {len(b.loads)} repeats"
+    ]
+    for direction in ("shrink", "grow"):
+        bare = b.host[ARMS_BARE][direction]
+        lines.append(f"  {direction}: bare QMP script host-side median {ms(bare)}")
+        for arm in b.guest:
+            r = b.ratio(arm, direction)
+            lines.append(
+                f"    dynamem ({arm}): host-side {ms(b.host[arm][direction])}, guest-visible "
+                f"{ms(b.guest[arm][direction])}; dynamem / bare = {r.median:.3f} "
+                f"[{r.low:.3f}, {r.high:.3f}] ({r.level:.1%} order-statistic interval of "
+                f"{r.n} paired ratios): {_verdict(r)}"
+            )
+    for arm in b.guest:
+        if b.bounds[arm]:
+            within = sum(x <= t for x, t in zip(b.bounds[arm], b.targets[arm], strict=True))
+            lines.append(
+                f"  {arm}: guest-visible stamp late by at most median {ms(b.bounds[arm])}, max "
+                f"{max(b.bounds[arm]) * 1000:.1f} ms; within max(5 ms, 1% of latency) in "
+                f"{within}/{len(b.bounds[arm])}"
+            )
+        if b.sampler_share[arm]:
+            shares = b.sampler_share[arm]
+            lines.append(
+                f"  {arm}: sampler CPU during a resize median {statistics.median(shares):.2%}, "
+                f"max {max(shares):.2%} of one vCPU (target <= 5%)"
+            )
+    return lines
+
+
+def mechanism_ratio_lines(
+    benches: list[ResizeBench], direction: str = "shrink", resamples: int = 2000, seed: int = 0
+) -> list[str]:
+    """virtio-mem / balloon as dynamem measures it against the bare script's, same run.
+
+    Percentile bootstrap over repeats (each repeat's arms resampled together), seeded."""
+    import numpy as np
+
+    by = {b.mechanism: b for b in benches}
+    if "virtio-mem" not in by or "balloon" not in by:
+        return []
+    vm, bal = by["virtio-mem"], by["balloon"]
+    rng = np.random.default_rng(seed)
+
+    def med(b: ResizeBench, arm: str, idx: np.ndarray, guest: bool) -> np.ndarray:
+        data = np.asarray((b.guest if guest else b.host)[arm][direction])
+        return np.asarray(np.median(data[idx], axis=-1))
+
+    lines = []
+    n_vm, n_bal = len(vm.host[ARMS_BARE][direction]), len(bal.host[ARMS_BARE][direction])
+    i_vm = rng.integers(0, n_vm, (resamples, n_vm))
+    i_bal = rng.integers(0, n_bal, (resamples, n_bal))
+    all_vm, all_bal = np.arange(n_vm), np.arange(n_bal)
+    bare = med(vm, ARMS_BARE, all_vm, False) / med(bal, ARMS_BARE, all_bal, False)
+    bare_boot = med(vm, ARMS_BARE, i_vm, False) / med(bal, ARMS_BARE, i_bal, False)
+    lines.append(f"virtio-mem / balloon {direction}: bare QMP script {float(bare):.3f}")
+    for arm in vm.guest:
+        if arm not in bal.guest:
+            continue
+        for guest in (False, True):
+            if guest and (
+                len(vm.guest[arm][direction]) != n_vm or len(bal.guest[arm][direction]) != n_bal
+            ):
+                continue
+            point = med(vm, arm, all_vm, guest) / med(bal, arm, all_bal, guest)
+            boot = (med(vm, arm, i_vm, guest) / med(bal, arm, i_bal, guest)) / bare_boot
+            low, high = np.percentile(boot, [2.5, 97.5])
+            agree = float(point / bare)
+            ok = "within 10%" if 0.9 <= agree <= 1.1 else "NOT within 10%"
+            lines.append(
+                f"  dynamem ({arm}, {'guest-visible' if guest else 'host-side'}): "
+                f"{float(point):.3f}; / bare = {agree:.3f} [{low:.3f}, {high:.3f}] "
+                f"(bootstrap 95%): {ok}"
+            )
+    return lines
 
 
 def bench_build(guest: str, repeats: int) -> tuple[list[float], list[float]]:
@@ -226,43 +394,54 @@ def bench_build(guest: str, repeats: int) -> tuple[list[float], list[float]]:
     return rebuild, hit
 
 
-def bench_sampler(plan: Plan, seconds: float, report: Callable[[str], None]) -> dict[str, float]:
-    """CPU the in-guest sampler uses, as a fraction of one vCPU, at 50 Hz and at the resize
-    rate (from its own /proc/self/schedstat)."""
-    from dynamem.probes.figures import MEMINFO_KEYS, VMSTAT_KEYS
+def bench_sampler(
+    plan: Plan, seconds: float, report: Callable[[str], None], *, stress: int = 0
+) -> dict[str, float]:
+    """CPU the in-guest sampler uses, as a share of one vCPU, per way of looking, while
+    nothing changes (from its own /proc/self/schedstat, over the guest's own clock).
 
-    modes: list[tuple[str, dict[str, object], int]] = [
-        ("idle (not sampling)", {}, 0),
-        ("50 Hz, MemTotal/MemFree/SwapFree only", {}, 20_000_000),
+    The per-look modes separate what a wake-up costs from what sending a line and reading
+    the full record add; "adaptive, a resize of N s" is the default observer's schedule run
+    for `seconds` from its start, i.e. its average over a resize that long.
+    """
+    from dynamem.observer import ADAPTIVE, DENSE, Backoff
+    from dynamem.probes.figures import MEMINFO_KEYS, VMSTAT_KEYS
+    from dynamem.workloads import Stress
+
+    full: dict[str, object] = {"full_meminfo": MEMINFO_KEYS, "full_vmstat": VMSTAT_KEYS}
+    hz100 = Backoff(0.01, 0.01)
+    modes: list[tuple[str, dict[str, object], Backoff | None, Backoff | None]] = [
+        ("asleep (between resizes)", {}, None, None),
+        ("100 Hz looks, none sent (nothing changed)", {"onchange": True}, hz100, None),
+        ("100 Hz looks, every one sent", {}, hz100, None),
+        ("100 Hz looks + full record each", full, hz100, hz100),
+        ("dense: 500 Hz looks sent, full at 50 Hz", full, DENSE.checks, DENSE.full),
         (
-            "50 Hz, + meminfo and vmstat fields",
-            {"full_meminfo": MEMINFO_KEYS, "full_vmstat": VMSTAT_KEYS, "every": 1},
-            20_000_000,
-        ),
-        (
-            "50 Hz full, batched by 10",
-            {"full_meminfo": MEMINFO_KEYS, "full_vmstat": VMSTAT_KEYS, "every": 1, "batch": 10},
-            20_000_000,
-        ),
-        (
-            "500 Hz fast + 50 Hz full (during a resize)",
-            {"full_meminfo": MEMINFO_KEYS, "full_vmstat": VMSTAT_KEYS, "every": 10},
-            2_000_000,
+            f"adaptive, a resize of {seconds:g} s",
+            {**full, "onchange": True, "uevents": True},
+            ADAPTIVE.checks,
+            ADAPTIVE.full,
         ),
     ]
     out: dict[str, float] = {}
     with VM(plan.config) as vm:
         vm.start()
+        workload = Stress(stress) if stress else None
+        if workload is not None:
+            workload.start(vm)
         ch = vm.sampler
-        for label, options, interval in modes:
+        for label, options, checks, fulls in modes:
             ch.configure(**options)  # type: ignore[arg-type]
-            before = ch.cpu_seconds()
-            ch.set_interval(interval)
+            before_cpu = ch.cpu_seconds()
+            first = ch.start(checks, fulls) if checks else ch.barrier()
             time.sleep(seconds)
-            ch.set_interval(0)
-            share = (ch.cpu_seconds() - before) / seconds
+            last = ch.stop()
+            share = (ch.cpu_seconds() - before_cpu) / ((last.guest_ns - first.guest_ns) / 1e9)
             out[label] = share
-            report(f"{label:44} {share * 100:6.2f}% of one vCPU")
+            looks = last.checks - first.checks
+            report(f"{label:44} {share * 100:6.2f}% of one vCPU ({looks} looks)")
+        if workload is not None:
+            workload.stop(vm)
     return out
 
 

@@ -1,0 +1,123 @@
+"""How closely a resize is watched, and what that watching may cost the guest (pure).
+
+Under TCG every wake-up of the guest costs about half a millisecond of emulated time, and
+the host's own polling competes with the vCPU threads for the host's cores. A fixed fast
+rate therefore slows the very resize it times (at 500 Hz the in-guest sampler used about
+30% of a vCPU). Watching backs off instead: the interval between looks is a fixed share of
+the time elapsed since the request, so a completion seen after t seconds is late by at most
+about that share of t, whatever t is, and a long resize is not paid for with thousands of
+wake-ups. Every setting is a named, recorded condition; the cheapest one ("minimal") is the
+control arm that measures what the others cost.
+"""
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from dynamem.errors import UserError
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Intervals clamp(fraction * elapsed, floor, cap): `floor` while the change is young,
+    a relative resolution of `fraction` later, never sparser than `cap`."""
+
+    floor_s: float
+    cap_s: float
+    fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.floor_s <= self.cap_s or self.fraction < 0:
+            raise ValueError(f"invalid back-off {self}")
+
+    def interval(self, elapsed_s: float) -> float:
+        return min(self.cap_s, max(self.floor_s, self.fraction * elapsed_s))
+
+    def times(self, duration_s: float) -> list[float]:
+        """When the looks fall in [0, duration], each an interval after the one before."""
+        out = [0.0]
+        while (t := out[-1] + self.interval(out[-1])) <= duration_s:
+            out.append(t)
+        return out
+
+    def sampler_args(self) -> str:
+        """The guest sampler's `schedule`/`full` arguments: floor_ns cap_ns ppm."""
+        return f"{round(self.floor_s * 1e9)} {round(self.cap_s * 1e9)} {round(self.fraction * 1e6)}"
+
+
+@dataclass(frozen=True)
+class Observer:
+    """One way of watching a resize.
+
+    `checks`: the guest sampler's looks at MemTotal (and the balloon's counters).
+    `full`: the sampler's full meminfo/vmstat records for the time-series figures.
+    `watch_during`: False leaves the guest alone until the host-side outcome is in (no
+    guest-visible latency then; the sampler only watches the guest settle afterwards).
+    `onchange`: a look is sent to the host only when what it watches changed.
+    `uevents`: memory-block uevents (DIMM, virtio-mem) wake the sampler at once.
+    `host_poll`: QMP polling of QEMU's authoritative state. `host_rss`: QEMU's RSS.
+    """
+
+    name: str
+    checks: Backoff
+    full: Backoff
+    watch_during: bool
+    onchange: bool
+    uevents: bool
+    host_poll: Backoff
+    host_rss: Backoff
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Floors, caps and shares chosen from `dynamem bench sampler` and `dynamem bench resize`
+# under TCG on a 2-core host (README, "What the harness costs the guest").
+ADAPTIVE = Observer(
+    name="adaptive",
+    checks=Backoff(0.002, 0.050, 0.01),
+    full=Backoff(0.020, 0.500, 0.05),
+    watch_during=True,
+    onchange=True,
+    uevents=True,
+    host_poll=Backoff(0.002, 0.050, 0.01),
+    host_rss=Backoff(0.020, 0.200, 0.02),
+)
+# The control arm: no guest wake-up of the harness's own while the request is in flight.
+MINIMAL = Observer(
+    name="minimal",
+    checks=ADAPTIVE.checks,
+    full=ADAPTIVE.full,
+    watch_during=False,
+    onchange=True,
+    uevents=False,
+    host_poll=ADAPTIVE.host_poll,
+    host_rss=ADAPTIVE.host_rss,
+)
+# dynamem up to issue 13, kept to measure what the back-off saves: 500 Hz looks, every one
+# sent, full records at 50 Hz, QMP every 2 ms, RSS every 20 ms.
+DENSE = Observer(
+    name="dense",
+    checks=Backoff(0.002, 0.002),
+    full=Backoff(0.020, 0.020),
+    watch_during=True,
+    onchange=False,
+    uevents=False,
+    host_poll=Backoff(0.002, 0.002),
+    host_rss=Backoff(0.020, 0.020),
+)
+OBSERVERS = {o.name: o for o in (ADAPTIVE, MINIMAL, DENSE)}
+DEFAULT = ADAPTIVE.name
+
+
+def observer(name: "str | Observer") -> Observer:
+    if isinstance(name, Observer):
+        return name
+    try:
+        return OBSERVERS[name]
+    except KeyError:
+        raise UserError(f"unknown observer {name!r} (choose from {', '.join(OBSERVERS)})") from None
+
+
+def bound_target(latency_s: float) -> float:
+    """What a guest-visible completion time should be good to: 5 ms, or 1% of a long one."""
+    return max(0.005, 0.01 * latency_s)
