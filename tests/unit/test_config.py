@@ -65,6 +65,7 @@ def test_kernel_command_line_carries_the_online_policy():
     cmdline = value_after(build_argv(config(), files()), "-append")[0]
     assert "memhp_default_state=online_movable" in cmdline.split()
     assert "console=ttyS0" in cmdline.split()
+    assert "swiotlb=noforce" in cmdline.split()  # equal MemTotal with and without maxmem
     other = config(memhp_default_state="online_kernel", kernel_args=("init_on_alloc=0",))
     assert other.cmdline.split()[-2:] == ["memhp_default_state=online_kernel", "init_on_alloc=0"]
 
