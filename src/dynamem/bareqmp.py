@@ -1,10 +1,18 @@
 """A deliberately bare QMP client (one socket, JSON lines, no asyncio, no library), used as
-the yardstick that dynamem's own resize timing is benchmarked against."""
+the yardstick that dynamem's own resize timing is benchmarked against.
+
+It polls on a back-off schedule like dynamem's host side: under TCG a script that polls QMP
+every 2 ms slows the resize it times (the main loop takes QEMU's big lock for every command,
+and the host's cores are what the vCPU threads run on), so a fixed fast poll would be a
+yardstick that moves.
+"""
 
 import json
 import socket
 import time
 from typing import Any
+
+from dynamem.observer import Backoff
 
 
 class BareQMP:
@@ -31,36 +39,35 @@ class BareQMP:
         self.sock.close()
 
 
-def poll_until(check: Any, interval: float, deadline: float = 120.0) -> int:
-    """Poll `check()` every `interval` s until true; the monotonic ns of the first true."""
+def poll_until(check: Any, schedule: Backoff, deadline: float = 120.0) -> int:
+    """Poll `check()` on `schedule` until true; the monotonic ns of the first true."""
     start = time.monotonic()
-    next_poll = start
     while True:
+        polled = time.monotonic()
         if check():
             return time.monotonic_ns()
-        if time.monotonic() - start > deadline:
+        if polled - start > deadline:
             raise TimeoutError("bare QMP poll: deadline")
-        next_poll += interval
-        pause = next_poll - time.monotonic()
+        pause = polled + schedule.interval(polled - start) - time.monotonic()
         if pause > 0:
             time.sleep(pause)
-        else:
-            next_poll = time.monotonic()
 
 
-def bare_resize(qmp: BareQMP, mechanism: str, delta: int, interval: float, dimm_size: int) -> float:
+def bare_resize(
+    qmp: BareQMP, mechanism: str, delta: int, schedule: Backoff, dimm_size: int
+) -> float:
     """The same request and poll a harness resize makes, with nothing else; seconds."""
     if mechanism == "virtio-mem":
         target = int(qmp.cmd("qom-get", path="vm0", property="size")) + delta
         t0 = time.monotonic_ns()
         qmp.cmd("qom-set", path="vm0", property="requested-size", value=target)
-        t1 = poll_until(lambda: qmp.cmd("qom-get", path="vm0", property="size") == target, interval)
+        t1 = poll_until(lambda: qmp.cmd("qom-get", path="vm0", property="size") == target, schedule)
         return (t1 - t0) / 1e9
     if mechanism == "balloon":
         target = int(qmp.cmd("query-balloon")["actual"]) + delta
         t0 = time.monotonic_ns()
         qmp.cmd("balloon", value=target)
-        t1 = poll_until(lambda: qmp.cmd("query-balloon")["actual"] == target, interval)
+        t1 = poll_until(lambda: qmp.cmd("query-balloon")["actual"] == target, schedule)
         return (t1 - t0) / 1e9
     if mechanism == "dimm":
 
@@ -77,12 +84,12 @@ def bare_resize(qmp: BareQMP, mechanism: str, delta: int, interval: float, dimm_
                     **{"qom-type": "memory-backend-ram", "id": f"{i}-mem", "size": dimm_size},
                 )
                 qmp.cmd("device_add", driver="pc-dimm", id=i, memdev=f"{i}-mem")
-            t1 = poll_until(lambda: set(ids) <= dimm_ids(), interval)
+            t1 = poll_until(lambda: set(ids) <= dimm_ids(), schedule)
             return (t1 - t0) / 1e9
         t0 = time.monotonic_ns()
         for i in reversed(ids):
             qmp.cmd("device_del", id=i)
-        t1 = poll_until(lambda: not (set(ids) & dimm_ids()), interval)
+        t1 = poll_until(lambda: not (set(ids) & dimm_ids()), schedule)
         for i in ids:
             qmp.cmd("object-del", id=f"{i}-mem")
         return (t1 - t0) / 1e9

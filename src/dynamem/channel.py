@@ -205,10 +205,14 @@ class SamplerChannel:
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) the sampler process has used in the guest."""
+        return self.cpu_and_clock()[0]
+
+    def cpu_and_clock(self) -> tuple[float, int]:
+        """The sampler's CPU time (s) and the guest's monotonic clock (ns) when it read it."""
         token = f"c{next(self._tokens)}"
         self._send(f"cpu {token}")
-        (ns,) = self._await(f"cpu {token}", 5.0, "cpu")
-        return int(ns) / 1e9
+        words = self._await(f"cpu {token}", 5.0, "cpu")
+        return int(words[0]) / 1e9, int(words[1]) if len(words) > 1 else 0
 
     def mark(self) -> int:
         return len(self.samples)

@@ -678,7 +678,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_size, default="256M")
     p.add_argument("--repeats", type=_positive_int, default=10)
     p.add_argument(
-        "--poll-interval", type=_seconds, default=0.002, help="the bare script's (default 0.002)"
+        "--poll-interval",
+        type=_seconds,
+        help="also run a bare script polling at this fixed interval (seconds)",
     )
     p.add_argument(
         "--observers",

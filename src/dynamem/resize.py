@@ -95,6 +95,10 @@ class ResizeResult:
     sampler_uevent_checks: int | None = None  # of the sent lines, those a uevent caused
     sampler_window_s: float | None = None  # host time over which sampler_cpu_s was used
     sampler_cpu_share: float | None = None  # sampler_cpu_s / sampler_window_s (one vCPU = 1)
+    # the same from the first look to the host-side outcome: what the request competed with
+    sampler_request_cpu_s: float | None = None
+    sampler_request_window_s: float | None = None
+    sampler_request_share: float | None = None
     channel_rtt_max_s: float | None = None
     channel_rtt_n: int | None = None
     kernel_log: list[str] = field(default_factory=list)
@@ -218,9 +222,9 @@ def resize(
 
     `observer_setting` is how closely it is watched (dynamem.observer: "adaptive", the
     default; "minimal", the control arm without guest-visible latency; "dense", the fixed
-    500 Hz of earlier versions).
+    500 Hz of earlier versions), resolved for the VM's accelerator and recorded.
     """
-    obs = observer(observer_setting)
+    obs = observer(observer_setting, vm.config.accel, vm.config.icount)
     res = ResizeResult(
         mechanism=mech.name,
         variant=mech.variant,
@@ -283,6 +287,11 @@ def resize(
                 vm, mech, req, res, poll_times, deadline_s, stall_s, obs
             )
         t_outcome = time.monotonic_ns()
+        cpu_outcome, clock_outcome = ch.cpu_and_clock()
+        res.sampler_request_cpu_s = cpu_outcome - cpu_before
+        res.sampler_request_window_s = (clock_outcome - first.guest_ns) / 1e9
+        if res.sampler_request_window_s > 0:
+            res.sampler_request_share = res.sampler_request_cpu_s / res.sampler_request_window_s
         if not obs.watch_during:
             host_sampler.start()
             ch.start(obs.checks, obs.full)

@@ -14,6 +14,7 @@ from dynamem.errors import DeadlineExceeded, VMError
 from dynamem.guest.build import build
 from dynamem.guest.recipe import load_recipe
 from dynamem.launch import Plan
+from dynamem.observer import Observer
 from dynamem.paths import make_run_dir
 from dynamem.qemu.machine import VM
 from dynamem.qemu.process import QemuProcess
@@ -129,7 +130,8 @@ class ResizeBench:
     guest: dict[str, dict[str, list[float]]]  # harness arm -> direction -> guest-visible
     bounds: dict[str, list[float]]  # harness arm -> guest-visible bound of each resize
     targets: dict[str, list[float]]  # harness arm -> max(5 ms, 1% latency) of each resize
-    sampler_share: dict[str, list[float]]  # harness arm -> sampler CPU / window (one vCPU)
+    # harness arm -> sampler CPU / time from the request to the host-side outcome (one vCPU)
+    sampler_share: dict[str, list[float]]
     loads: list[float]  # the host's 1-minute load average at each repeat
 
     def paired_ratios(self, arm: str, direction: str, against: str = ARMS_BARE) -> list[float]:
@@ -176,16 +178,18 @@ def bench_resize(
     mechanism: str,
     size: int,
     repeats: int,
-    interval: float,
+    fixed_poll: float | None,
     report: Callable[[str], None],
     *,
     memory: int = 2 << 30,
-    observers: tuple[str, ...] = ("adaptive",),
+    observers: "tuple[str | Observer, ...]" = ("adaptive",),
     stress: int = 0,
     **vm_options: object,
 ) -> ResizeBench:
     """Grow and shrink by `size` in one VM, interleaving dynamem (one arm per observer
-    setting) and a bare QMP script (polling every `interval`) on the same guest.
+    setting) and a bare QMP script on the same guest: "bare" polls on dynamem's host-side
+    back-off; with `fixed_poll`, a second bare arm polls at that fixed interval (what a fast
+    poll costs the resize it times).
 
     With `stress`, `stress --vm-bytes N --vm-keep` is (re)started before every shrink, so
     each arm's shrink finds a freshly allocated working set (it fills hotplugged memory
@@ -200,13 +204,15 @@ def bench_resize(
 
     from dynamem import mechanisms
     from dynamem.bareqmp import BareQMP, bare_resize
-    from dynamem.observer import observer
+    from dynamem.observer import ADAPTIVE, Backoff, observer
     from dynamem.resize import resize
     from dynamem.single import plan_for
     from dynamem.workloads import Stress
 
+    settings = {}  # resolved for the accelerator once the plan has chosen it
     for name in observers:
-        observer(name)  # unknown names fail before anything boots
+        o = observer(name)  # unknown names fail before anything boots
+        settings[o.name] = name
     mech = mechanisms.make(mechanism)
     plugs_first = mechanism == "dimm"
     steps = (
@@ -214,19 +220,24 @@ def bench_resize(
     )
     mplan = mech.plan(memory - size if plugs_first else memory, steps[0][0], None, None)
     plan = plan_for(mech, mplan, **vm_options)
+    c = plan.config
+    resolved = {name: observer(o, c.accel, c.icount) for name, o in settings.items()}
     side = Path(tempfile.mkdtemp(prefix="dynamem-bare-"))
     sock = side / "qmp.sock"
     config = dataclasses.replace(
         plan.config, extra_args=plan.config.extra_args + ("-qmp", f"unix:{sock},server=on,wait=off")
     )
-    arms = [ARMS_BARE, *observers]
+    bare_arms = {ARMS_BARE: ADAPTIVE.host_poll}
+    if fixed_poll is not None:
+        bare_arms[f"bare-{fixed_poll * 1000:g}ms"] = Backoff(fixed_poll, fixed_poll)
+    arms = [*bare_arms, *settings]
     out = ResizeBench(
         mechanism, "stress" if stress else "idle", size, config.cpu_model,
         host={a: {"grow": [], "shrink": []} for a in arms},
-        guest={a: {"grow": [], "shrink": []} for a in observers},
-        bounds={a: [] for a in observers},
-        targets={a: [] for a in observers},
-        sampler_share={a: [] for a in observers},
+        guest={a: {"grow": [], "shrink": []} for a in settings},
+        bounds={a: [] for a in settings},
+        targets={a: [] for a in settings},
+        sampler_share={a: [] for a in settings},
         loads=[],
     )  # fmt: skip
     dimm_size = getattr(mech, "dimm_size", 0)
@@ -244,15 +255,15 @@ def bench_resize(
                         if workload is not None and direction == "shrink":
                             workload.stop(vm)
                             workload.start(vm)
-                        if arm == ARMS_BARE:
-                            t = bare_resize(qmp, mechanism, delta, interval, dimm_size)
+                        if arm in bare_arms:
+                            t = bare_resize(qmp, mechanism, delta, bare_arms[arm], dimm_size)
                             out.host[arm][direction].append(t)
                             report(
                                 f"repeat {i + 1}/{repeats} {arm:9} {direction:6} host "
                                 f"{t * 1000:8.1f} ms"
                             )
                             continue
-                        r = resize(vm, mech, delta, observer_setting=arm)
+                        r = resize(vm, mech, delta, observer_setting=resolved[arm])
                         if r.outcome != "ok" or r.host_latency_s is None:
                             raise VMError(f"{arm} {direction}: {r.outcome} {r.message}")
                         out.host[arm][direction].append(r.host_latency_s)
@@ -261,15 +272,17 @@ def bench_resize(
                         if r.guest_bound_s is not None and r.guest_bound_target_s is not None:
                             out.bounds[arm].append(r.guest_bound_s)
                             out.targets[arm].append(r.guest_bound_target_s)
-                        if r.sampler_cpu_share is not None:
-                            out.sampler_share[arm].append(r.sampler_cpu_share)
+                        if r.sampler_request_share is not None:
+                            out.sampler_share[arm].append(r.sampler_request_share)
                         guest = (
                             "-" if r.guest_latency_s is None else f"{r.guest_latency_s * 1000:.1f}"
                         )
                         report(
                             f"repeat {i + 1}/{repeats} {arm:9} {direction:6} host "
                             f"{r.host_latency_s * 1000:8.1f} ms, guest {guest} ms, sampler "
-                            f"{(r.sampler_cpu_share or 0) * 100:.2f}% of a vCPU"
+                            f"{(r.sampler_request_share or 0) * 100:.2f}% of a vCPU until the "
+                            f"host-side outcome, {(r.sampler_cpu_share or 0) * 100:.2f}% over "
+                            f"the whole watch"
                         )
             if workload is not None:
                 workload.stop(vm)
@@ -305,6 +318,13 @@ def resize_lines(b: ResizeBench) -> list[str]:
     for direction in ("shrink", "grow"):
         bare = b.host[ARMS_BARE][direction]
         lines.append(f"  {direction}: bare QMP script host-side median {ms(bare)}")
+        for arm in b.host:
+            if arm != ARMS_BARE and arm not in b.guest:  # a bare script polling otherwise
+                r = b.ratio(arm, direction)
+                lines.append(
+                    f"    {arm}: host-side {ms(b.host[arm][direction])}; / bare = "
+                    f"{r.median:.3f} [{r.low:.3f}, {r.high:.3f}] ({r.level:.1%}, n={r.n})"
+                )
         for arm in b.guest:
             r = b.ratio(arm, direction)
             lines.append(
@@ -324,7 +344,8 @@ def resize_lines(b: ResizeBench) -> list[str]:
         if b.sampler_share[arm]:
             shares = b.sampler_share[arm]
             lines.append(
-                f"  {arm}: sampler CPU during a resize median {statistics.median(shares):.2%}, "
+                f"  {arm}: sampler CPU from request to host-side outcome median "
+                f"{statistics.median(shares):.2%}, "
                 f"max {max(shares):.2%} of one vCPU (target <= 5%)"
             )
     return lines

@@ -36,8 +36,9 @@
  *                             the path "memblocks" lists memory blocks, state, valid zones;
  *                             "kmsg" is the kernel log as /dev/kmsg records (no dmesg
  *                             process, so nothing new is allocated while a resize is measured)
- *   cpu <token>               "cpu <token> <ns>": CPU time this sampler has used, from
- *                             /proc/self/schedstat (exact, unlike tick-sampled utime)
+ *   cpu <token>               "cpu <token> <ns> <guest_ns>": CPU time this sampler has
+ *                             used, from /proc/self/schedstat (exact, unlike tick-sampled
+ *                             utime), and the guest's clock
  *
  * It sends "hello 2" at start; each sent check is
  *   s <check> <guest_ns> <prev_check_ns> <cause> <totalram_kB> <freeram_kB> <freeswap_kB>
@@ -415,7 +416,8 @@ static void command(char *cmd)
 	} else if (strcmp(cmd, "cpu") == 0) {
 		char stat[128] = "";
 		read_file(-1, "/proc/self/schedstat", stat, sizeof stat);
-		int n = snprintf(out, sizeof out, "cpu %s %llu\n", args, strtoull(stat, NULL, 10));
+		int n = snprintf(out, sizeof out, "cpu %s %llu %lld\n", args, strtoull(stat, NULL, 10),
+				 now_ns());
 		send_all(out, (size_t)n);
 	} else if (strcmp(cmd, "snap") == 0) {
 		char *save = NULL, *token = strtok_r(args, " ", &save), *path;
