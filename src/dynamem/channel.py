@@ -165,10 +165,12 @@ class SamplerChannel:
         full_vmstat: tuple[str, ...] = (),
         onchange: bool = False,
         uevents: bool = False,
+        cpu_budget: float = 0.0,
     ) -> None:
         """Choose the fields of each look and of the full record, whether a look that
-        changed nothing is sent, and whether memory-block uevents wake the sampler. Stops
-        any running schedule first (fields must not change under a running one)."""
+        changed nothing is sent, whether memory-block uevents wake the sampler, and the
+        share of one CPU the sampler may use once a schedule runs (0: no limit). Stops any
+        running schedule first (fields must not change under a running one)."""
         self.stop()
         self._send("meminfo " + " ".join(meminfo))
         self._send("vmstat " + " ".join(vmstat))
@@ -176,6 +178,7 @@ class SamplerChannel:
         self._send("fvmstat " + " ".join(full_vmstat))
         self._send(f"onchange {int(onchange)}")
         self._send(f"uevent {int(uevents)}")
+        self._send(f"budget {round(cpu_budget * 1e6)}")
         self.ping()
         self.columns = BASE_COLUMNS + tuple(meminfo) + tuple(vmstat)
         self.full_columns = tuple(full_meminfo) + tuple(full_vmstat)

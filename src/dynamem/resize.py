@@ -222,9 +222,9 @@ def resize(
 
     `observer_setting` is how closely it is watched (dynamem.observer: "adaptive", the
     default; "minimal", the control arm without guest-visible latency; "dense", the fixed
-    500 Hz of earlier versions), resolved for the VM's accelerator and recorded.
+    500 Hz of earlier versions), recorded with the result.
     """
-    obs = observer(observer_setting, vm.config.accel, vm.config.icount)
+    obs = observer(observer_setting)
     res = ResizeResult(
         mechanism=mech.name,
         variant=mech.variant,
@@ -245,6 +245,7 @@ def resize(
         full_vmstat=VMSTAT_KEYS,
         onchange=obs.onchange,
         uevents=obs.uevents,
+        cpu_budget=obs.cpu_budget,
     )
     log_before = kernel_log(vm)
     res.memory_blocks_before = _memblocks(vm)

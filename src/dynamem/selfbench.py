@@ -209,10 +209,7 @@ def bench_resize(
     from dynamem.single import plan_for
     from dynamem.workloads import Stress
 
-    settings = {}  # resolved for the accelerator once the plan has chosen it
-    for name in observers:
-        o = observer(name)  # unknown names fail before anything boots
-        settings[o.name] = name
+    settings = {o.name: o for o in map(observer, observers)}  # unknown names fail here
     mech = mechanisms.make(mechanism)
     plugs_first = mechanism == "dimm"
     steps = (
@@ -220,8 +217,6 @@ def bench_resize(
     )
     mplan = mech.plan(memory - size if plugs_first else memory, steps[0][0], None, None)
     plan = plan_for(mech, mplan, **vm_options)
-    c = plan.config
-    resolved = {name: observer(o, c.accel, c.icount) for name, o in settings.items()}
     side = Path(tempfile.mkdtemp(prefix="dynamem-bare-"))
     sock = side / "qmp.sock"
     config = dataclasses.replace(
@@ -263,7 +258,7 @@ def bench_resize(
                                 f"{t * 1000:8.1f} ms"
                             )
                             continue
-                        r = resize(vm, mech, delta, observer_setting=resolved[arm])
+                        r = resize(vm, mech, delta, observer_setting=settings[arm])
                         if r.outcome != "ok" or r.host_latency_s is None:
                             raise VMError(f"{arm} {direction}: {r.outcome} {r.message}")
                         out.host[arm][direction].append(r.host_latency_s)
@@ -439,7 +434,7 @@ def bench_sampler(
         ("dense: 500 Hz looks sent, full at 50 Hz", full, DENSE.checks, DENSE.full),
         (
             f"adaptive, a resize of {seconds:g} s",
-            {**full, "onchange": True, "uevents": True},
+            {**full, "onchange": True, "uevents": True, "cpu_budget": ADAPTIVE.cpu_budget},
             ADAPTIVE.checks,
             ADAPTIVE.full,
         ),

@@ -87,7 +87,7 @@ def test_schedules_reach_the_sampler_as_floor_cap_ppm(pair):
     sent = []
     answer_pings(guest, sent=sent)
     channel.wait_hello(5)
-    channel.configure(vmstat=("balloon_inflate",), onchange=True, uevents=True)
+    channel.configure(vmstat=("balloon_inflate",), onchange=True, uevents=True, cpu_budget=0.04)
     channel.start(Backoff(0.002, 0.05, 0.01), Backoff(0.02, 0.5, 0.05))
     assert channel.schedule == Backoff(0.002, 0.05, 0.01)
     channel.stop()
@@ -100,6 +100,7 @@ def test_schedules_reach_the_sampler_as_floor_cap_ppm(pair):
         "fvmstat ",
         "onchange 1",
         "uevent 1",
+        "budget 40000",
         "full 20000000 500000000 50000",
         "schedule 2000000 50000000 10000",
         "schedule 0 0 0",

@@ -21,6 +21,12 @@
  *   full <floor_ns> <cap_ns> <ppm>
  *                             a full record with the first check due on this schedule
  *                             (same clock; floor 0: never)
+ *   budget <ppm>              never use more than this share of one CPU (ppm of the time
+ *                             since the schedule started; 0: no limit): a look waits until
+ *                             the CPU this sampler used since then is within the budget.
+ *                             What a look costs differs 100-fold between KVM and TCG, and
+ *                             again with a busy guest; the budget holds on all of them and
+ *                             the looks it affords set the resolution the host reports
  *   onchange <0|1>            1: send a check only when totalram or a carried meminfo/vmstat
  *                             field changed, or with a full record; 0: send every check
  *   uevent <0|1>              1: a memory-block uevent (add, online, offline, remove) makes
@@ -85,6 +91,8 @@ struct schedule {
 static int port = -1;
 static int uevents = -1; /* NETLINK_KOBJECT_UEVENT socket while "uevent 1" */
 static long long t0;	 /* start of the current schedule */
+static long long cpu0;	 /* this process's CPU time then */
+static long long budget_ppm;
 static struct schedule checks, fulls;
 static int onchange;
 static unsigned long long nchecks;
@@ -96,6 +104,13 @@ static struct keyset vmstat = { .path = "/proc/vmstat", .fd = -1 };
 static struct keyset fmeminfo = { .path = "/proc/meminfo", .fd = -1 };
 static struct keyset fvmstat = { .path = "/proc/vmstat", .fd = -1 };
 static char filebuf[BUF_SIZE];
+
+static long long cpu_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+	return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
 
 static long long now_ns(void)
 {
@@ -208,6 +223,19 @@ static long long interval_at(const struct schedule *s, long long t)
 	if (iv > s->cap_ns)
 		iv = s->cap_ns;
 	return iv;
+}
+
+/* The next look: an interval after this one, and not before the CPU used since the schedule
+ * started fits the budget. */
+static long long next_look(long long t)
+{
+	long long next = t + interval_at(&checks, t);
+	if (budget_ppm > 0) {
+		long long affordable = t0 + (cpu_ns() - cpu0) * 1000 / budget_ppm * 1000;
+		if (affordable > next)
+			next = affordable;
+	}
+	return next;
 }
 
 /* Did anything the host watches change since the last line sent? Also remembers it. */
@@ -385,13 +413,16 @@ static void command(char *cmd)
 	if (strcmp(cmd, "schedule") == 0) {
 		set_schedule(&checks, args);
 		t0 = checks.next;
+		cpu0 = cpu_ns();
 		fulls.next = t0;
 		if (checks.floor_ns > 0) {
 			check(2, t0);
-			checks.next = t0 + interval_at(&checks, t0);
+			checks.next = next_look(t0);
 		}
 	} else if (strcmp(cmd, "full") == 0) {
 		set_schedule(&fulls, args);
+	} else if (strcmp(cmd, "budget") == 0) {
+		budget_ppm = atoll(args) > 0 ? atoll(args) : 0;
 	} else if (strcmp(cmd, "onchange") == 0) {
 		onchange = atoi(args);
 	} else if (strcmp(cmd, "uevent") == 0) {
@@ -514,7 +545,7 @@ int main(int argc, char **argv)
 		int due = checks.floor_ns > 0 && t >= checks.next;
 		if (checks.floor_ns > 0 && (woke || due))
 			check(woke ? 1 : 0, t);
-		if (due) /* the next look is due an interval after this one: no bursts */
-			checks.next = t + interval_at(&checks, t);
+		if (woke || due) /* after a look, wake or timer: no bursts, within the budget */
+			checks.next = next_look(t);
 	}
 }
