@@ -263,13 +263,14 @@ def resize(
         res.channel_rtt_max_s, res.channel_rtt_n = cal.rtt_max, cal.n
     host_sampler = hostprobe.HostSampler(vm.pid, backoff=obs.host_rss)
     try:
-        cpu_before = ch.cpu_seconds()
         mark, full_mark = ch.mark(), len(ch.full_samples)
         first = ch.start(obs.checks, obs.full)  # the baseline look, arrived
         if obs.watch_during:
             host_sampler.start()
         else:
             ch.stop()
+        # charged from here, like the sampler's budget: the baseline look precedes the request
+        cpu_before, clock_before = ch.cpu_and_clock()
         req: Request | None = None
         start_bytes = mech.host_bytes(vm)
         t_req = time.monotonic_ns()
@@ -290,7 +291,7 @@ def resize(
         t_outcome = time.monotonic_ns()
         cpu_outcome, clock_outcome = ch.cpu_and_clock()
         res.sampler_request_cpu_s = cpu_outcome - cpu_before
-        res.sampler_request_window_s = (clock_outcome - first.guest_ns) / 1e9
+        res.sampler_request_window_s = (clock_outcome - clock_before) / 1e9
         if res.sampler_request_window_s > 0:
             res.sampler_request_share = res.sampler_request_cpu_s / res.sampler_request_window_s
         if not obs.watch_during:
@@ -312,7 +313,7 @@ def resize(
     res.sampler_checks = last.checks - first.checks + 1
     res.sampler_uevent_checks = sum(1 for s in samples if s.cause == 1)
     res.sampler_cpu_s = ch.cpu_seconds() - cpu_before
-    res.sampler_window_s = (last.guest_ns - first.guest_ns) / 1e9
+    res.sampler_window_s = (last.guest_ns - clock_before) / 1e9
     if res.sampler_window_s > 0:
         res.sampler_cpu_share = res.sampler_cpu_s / res.sampler_window_s
     if len(poll_times) > 1:

@@ -30,7 +30,7 @@
  *   onchange <0|1>            1: send a check only when totalram or a carried meminfo/vmstat
  *                             field changed, or with a full record; 0: send every check
  *   uevent <0|1>              1: a memory-block uevent (add, online, offline, remove) makes
- *                             an immediate check
+ *                             a check at once, or as soon as the budget affords one
  *   meminfo <key>...          /proc/meminfo fields carried in each sample (kB)
  *   vmstat <key>...           /proc/vmstat fields carried in each sample
  *   fmeminfo <key>...         /proc/meminfo fields of the full record (kB)
@@ -93,6 +93,7 @@ static int uevents = -1; /* NETLINK_KOBJECT_UEVENT socket while "uevent 1" */
 static long long t0;	 /* start of the current schedule */
 static long long cpu0;	 /* this process's CPU time then */
 static long long budget_ppm;
+static int uevent_pending; /* a memory-block uevent the budget has not afforded a look for */
 static struct schedule checks, fulls;
 static int onchange;
 static unsigned long long nchecks;
@@ -225,17 +226,20 @@ static long long interval_at(const struct schedule *s, long long t)
 	return iv;
 }
 
-/* The next look: an interval after this one, and not before the CPU used since the schedule
- * started fits the budget. */
+/* When the CPU used since the schedule's first look fits the budget again. */
+static long long affordable(void)
+{
+	if (budget_ppm <= 0)
+		return 0;
+	return t0 + (cpu_ns() - cpu0) * 1000 / budget_ppm * 1000;
+}
+
+/* The next look: an interval after this one, and not before it is affordable. */
 static long long next_look(long long t)
 {
 	long long next = t + interval_at(&checks, t);
-	if (budget_ppm > 0) {
-		long long affordable = t0 + (cpu_ns() - cpu0) * 1000 / budget_ppm * 1000;
-		if (affordable > next)
-			next = affordable;
-	}
-	return next;
+	long long a = affordable();
+	return a > next ? a : next;
 }
 
 /* Did anything the host watches change since the last line sent? Also remembers it. */
@@ -414,9 +418,11 @@ static void command(char *cmd)
 		set_schedule(&checks, args);
 		t0 = checks.next;
 		cpu0 = cpu_ns();
+		uevent_pending = 0;
 		fulls.next = t0;
 		if (checks.floor_ns > 0) {
 			check(2, t0);
+			cpu0 = cpu_ns(); /* the baseline, before the request, is not charged */
 			checks.next = next_look(t0);
 		}
 	} else if (strcmp(cmd, "full") == 0) {
@@ -541,11 +547,17 @@ int main(int argc, char **argv)
 		} else if (r > 0 && (pfd[0].revents & (POLLHUP | POLLERR))) {
 			usleep(10000); /* host not connected: do not spin */
 		}
-		int woke = r > 0 && uevents >= 0 && (pfd[1].revents & POLLIN) && memory_uevent();
-		int due = checks.floor_ns > 0 && t >= checks.next;
-		if (checks.floor_ns > 0 && (woke || due))
-			check(woke ? 1 : 0, t);
-		if (woke || due) /* after a look, wake or timer: no bursts, within the budget */
-			checks.next = next_look(t);
+		if (r > 0 && uevents >= 0 && (pfd[1].revents & POLLIN) && memory_uevent())
+			uevent_pending = checks.floor_ns > 0;
+		if (uevent_pending) { /* brings the next look forward, to when it is affordable */
+			long long a = affordable();
+			if (a < checks.next)
+				checks.next = a > t ? a : t;
+		}
+		if (checks.floor_ns > 0 && t >= checks.next) {
+			check(uevent_pending ? 1 : 0, t);
+			uevent_pending = 0;
+			checks.next = next_look(t); /* no bursts, within the budget */
+		}
 	}
 }
