@@ -85,7 +85,7 @@ def _vm_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--cpus", type=_positive_int, default=2, help="vCPUs (default: 2)")
     p.add_argument(
-        "--cpu", help="the guest's -cpu model (default: host under KVM; under TCG see README)"
+        "--cpu", help="the guest's -cpu model (default: host under KVM, qemu64 under TCG)"
     )
     p.add_argument("--accel", default="auto", help="auto (probe), kvm or tcg (default: auto)")
     p.add_argument("--qemu", default="qemu-system-x86_64", help="QEMU binary")

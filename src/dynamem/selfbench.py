@@ -39,7 +39,7 @@ def bare_boot_to_init(plan: Plan, timeout: float = 120.0) -> float:
         "-accel",
         c.accel,
         "-cpu",
-        c.cpu or ("host" if c.accel == "kvm" else "max"),
+        c.cpu_model,
         "-smp",
         str(c.cpus),
         "-m",
