@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -47,6 +50,8 @@ def test_guest_signal_balloon_pages_with_deflate_on_oom():
     s = samples([(1000, 1, 0, 0, 0), (1000, 1, 0, 300, 44)])
     assert list(guest_signal(Balloon(deflate_on_oom=True), columns, s)) == [0, 256 * 4096]
 
+
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 
 # -- when the watch may end (issue 12, item 8) ------------------------------------------------
 
@@ -124,3 +129,39 @@ def test_the_control_arm_reports_memtotal_but_no_guest_latency():
     _guest_view(VirtioMem(), BASE_COLUMNS, samples, res, None, timed=False)
     assert res.guest_memtotal_delta_bytes == 131_072 * 1024
     assert res.guest_latency_s is None and res.guest_bound_s is None
+
+
+def test_a_real_virtio_mem_shrink_under_stress_reads_back_as_recorded():
+    """Lines the guest sampler sent during a 512 MiB virtio-mem shrink beside stress 1500M
+    (TCG): only looks that changed something were sent, each with the look before."""
+    meta = json.loads((FIXTURES / "series-virtio-mem-stress-shrink.json").read_text())
+    s = np.load(FIXTURES / "series-virtio-mem-stress-shrink.npz")
+    columns = ("totalram_kb", "freeram_kb", "freeswap_kb")
+    samples = [
+        Sample(
+            int(a), int(k), int(g), tuple(int(s[f"guest_{c}"][i]) for c in columns), int(p), int(c)
+        )
+        for i, (a, k, g, p, c) in enumerate(
+            zip(
+                s["guest_t_ns"],
+                s["guest_look"],
+                s["guest_clock_ns"],
+                s["guest_prev_clock_ns"],
+                s["guest_cause"],
+                strict=True,
+            )
+        )
+    ]
+    assert meta["samples"] == len(samples) < meta["sampler_checks"]  # silence is not sent
+    res = ResizeResult("virtio-mem", "sbm", "shrink", meta["requested_bytes"])
+    res.t_request_ns = int(s["t_request_ns"])
+    cal = Calibration(meta["channel_rtt_median_s"], meta["channel_rtt_p95_s"], 0.05, 20)
+    _guest_view(VirtioMem(), BASE_COLUMNS, samples, res, cal, timed=True)
+    assert res.guest_latency_s == pytest.approx(meta["guest_latency_s"])
+    assert res.guest_look_gap_s == pytest.approx(meta["guest_look_gap_s"])
+    assert res.guest_bound_s == pytest.approx(meta["guest_bound_s"])
+    assert res.guest_reaction_s == pytest.approx(meta["guest_reaction_s"])
+    assert res.guest_memtotal_delta_bytes == meta["guest_memtotal_delta_bytes"] == -(512 << 20)
+    # one-sided: the completing look is after the look before it, both after the request
+    done = samples[-1]
+    assert done.prev_guest_ns < done.guest_ns
