@@ -113,7 +113,8 @@ OBSERVERS = {o.name: o for o in (ADAPTIVE, MINIMAL, DENSE)}
 DEFAULT = ADAPTIVE.name
 
 
-def observer(name: "str | Observer") -> Observer:
+def named(name: "str | Observer") -> Observer:
+    """The setting called `name` (an Observer passes through)."""
     if isinstance(name, Observer):
         return name
     try:

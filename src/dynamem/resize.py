@@ -24,7 +24,7 @@ import numpy as np
 from dynamem.channel import Calibration, Sample
 from dynamem.errors import UserError
 from dynamem.mechanisms.base import CapabilityLimit, Mechanism, Request
-from dynamem.observer import DEFAULT, Observer, bound_target, observer
+from dynamem.observer import DEFAULT, Observer, bound_target, named
 from dynamem.parsers import hotplug_log_lines, parse_kmsg, parse_memblocks, summarize_memblocks
 from dynamem.probes import host as hostprobe
 from dynamem.probes.figures import (
@@ -215,16 +215,16 @@ def resize(
     stall_s: float = 30.0,
     settle_s: float = 0.5,
     reaction_s: float = REACTION_S,
-    observer_setting: "Observer | str" = DEFAULT,
+    observer: "Observer | str" = DEFAULT,
     calibration: Calibration | None = None,
 ) -> ResizeResult:
     """Perform one resize and measure it; failures of the mechanism become outcomes.
 
-    `observer_setting` is how closely it is watched (dynamem.observer: "adaptive", the
+    `observer` is how closely it is watched (dynamem.observer: "adaptive", the
     default; "minimal", the control arm without guest-visible latency; "dense", the fixed
     500 Hz of earlier versions), recorded with the result.
     """
-    obs = observer(observer_setting)
+    obs = named(observer)
     res = ResizeResult(
         mechanism=mech.name,
         variant=mech.variant,

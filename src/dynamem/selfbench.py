@@ -115,6 +115,7 @@ def bench_boot(plan: Plan, repeats: int, report: Callable[[str], None]) -> BootB
 
 
 ARMS_BARE = "bare"
+BARE_PAUSE_S = 2.0  # about what dynamem spends between two steps (settle, figures, set-up)
 
 
 @dataclass
@@ -204,12 +205,12 @@ def bench_resize(
 
     from dynamem import mechanisms
     from dynamem.bareqmp import BareQMP, bare_resize
-    from dynamem.observer import ADAPTIVE, Backoff, observer
+    from dynamem.observer import ADAPTIVE, Backoff, named
     from dynamem.resize import resize
     from dynamem.single import plan_for
     from dynamem.workloads import Stress
 
-    settings = {o.name: o for o in map(observer, observers)}  # unknown names fail here
+    settings = {o.name: o for o in map(named, observers)}  # unknown names fail here
     mech = mechanisms.make(mechanism)
     plugs_first = mechanism == "dimm"
     steps = (
@@ -257,8 +258,12 @@ def bench_resize(
                                 f"repeat {i + 1}/{repeats} {arm:9} {direction:6} host "
                                 f"{t * 1000:8.1f} ms"
                             )
+                            # dynamem lets the guest settle after each step (and reads its
+                            # figures): the next step of either arm starts from a quiet
+                            # guest. A DIMM ejected while still being onlined is refused.
+                            time.sleep(BARE_PAUSE_S)
                             continue
-                        r = resize(vm, mech, delta, observer_setting=settings[arm])
+                        r = resize(vm, mech, delta, observer=settings[arm])
                         if r.outcome != "ok" or r.host_latency_s is None:
                             raise VMError(f"{arm} {direction}: {r.outcome} {r.message}")
                         out.host[arm][direction].append(r.host_latency_s)
