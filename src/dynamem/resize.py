@@ -269,10 +269,10 @@ def resize(
             host_sampler.start()
         else:
             ch.stop()
-        # charged from here, like the sampler's budget: the baseline look precedes the request
-        cpu_before, clock_before = ch.cpu_and_clock()
         req: Request | None = None
         start_bytes = mech.host_bytes(vm)
+        # charged from here, like the sampler's budget: the baseline look precedes the request
+        cpu_before, clock_before = ch.cpu_and_clock()
         t_req = time.monotonic_ns()
         res.t_request_ns = t_req
         poll_times: list[int] = []

@@ -137,6 +137,17 @@ class ResizeBench:
     # harness arm -> that CPU in seconds (over a 20 ms DIMM grow, the query that reads it is
     # most of it)
     sampler_cpu: dict[str, list[float]] = field(default_factory=dict)
+    # arm -> direction -> the guest's clock from right before the request to right after
+    # the host saw completion (every arm reads it the same way; in icount mode it counts
+    # guest instructions plus idle time skipped to the next timer)
+    window: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    def window_ratio(self, arm: str, direction: str, against: str = ARMS_BARE) -> "Ratio | None":
+        a = self.window.get(arm, {}).get(direction, [])
+        b = self.window.get(against, {}).get(direction, [])
+        if not a or len(a) != len(b):
+            return None
+        return median_ratio([x / y for x, y in zip(a, b, strict=True)])
 
     def paired_ratios(self, arm: str, direction: str, against: str = ARMS_BARE) -> list[float]:
         """arm / against per repeat (the two ran back to back in the same guest)."""
@@ -244,6 +255,10 @@ def bench_resize(
         with VM(config) as vm:
             vm.start()
             qmp = BareQMP(str(sock))
+
+            def guest_clock() -> int:
+                return vm.sampler.cpu_and_clock()[1]
+
             if mplan.prepare:
                 resize(vm, mech, mplan.prepare)
             workload = Stress(stress) if stress else None
@@ -255,11 +270,18 @@ def bench_resize(
                             workload.stop(vm)
                             workload.start(vm)
                         if arm in bare_arms:
-                            t = bare_resize(qmp, mechanism, delta, bare_arms[arm], dimm_size)
-                            out.host[arm][direction].append(t)
+                            bt = bare_resize(
+                                qmp, mechanism, delta, bare_arms[arm], dimm_size, guest_clock
+                            )
+                            out.host[arm][direction].append(bt.seconds)
+                            if bt.guest_seconds is not None:
+                                out.window.setdefault(arm, {}).setdefault(direction, []).append(
+                                    bt.guest_seconds
+                                )
                             report(
                                 f"repeat {i + 1}/{repeats} {arm:9} {direction:6} host "
-                                f"{t * 1000:8.1f} ms"
+                                f"{bt.seconds * 1000:8.1f} ms, guest clock "
+                                f"{(bt.guest_seconds or 0) * 1000:8.1f} ms"
                             )
                             # dynamem lets the guest settle after each step (and reads its
                             # figures): the next step of either arm starts from a quiet
@@ -270,6 +292,10 @@ def bench_resize(
                         if r.outcome != "ok" or r.host_latency_s is None:
                             raise VMError(f"{arm} {direction}: {r.outcome} {r.message}")
                         out.host[arm][direction].append(r.host_latency_s)
+                        if r.sampler_request_window_s is not None:
+                            out.window.setdefault(arm, {}).setdefault(direction, []).append(
+                                r.sampler_request_window_s
+                            )
                         if r.guest_latency_s is not None:
                             out.guest[arm][direction].append(r.guest_latency_s)
                         if r.guest_bound_s is not None and r.guest_bound_target_s is not None:
@@ -333,6 +359,12 @@ def resize_lines(b: ResizeBench) -> list[str]:
                 )
         for arm in b.guest:
             r = b.ratio(arm, direction)
+            w = b.window_ratio(arm, direction)
+            if w is not None:
+                lines.append(
+                    f"    dynamem ({arm}) / bare on the guest's clock = {w.median:.3f} "
+                    f"[{w.low:.3f}, {w.high:.3f}] ({w.level:.1%}, n={w.n})"
+                )
             lines.append(
                 f"    dynamem ({arm}): host-side {ms(b.host[arm][direction])}, guest-visible "
                 f"{ms(b.guest[arm][direction])}; dynamem / bare = {r.median:.3f} "

@@ -61,7 +61,7 @@ def test_the_control_arm_leaves_the_guest_alone_until_the_host_side_outcome(imag
     with VM(plan_for(mech, mplan).config) as vm:
         vm.start()
         mark = vm.sampler.mark()
-        r = resize(vm, mech, -256 * MiB, observer_setting="minimal")
+        r = resize(vm, mech, -256 * MiB, observer="minimal")
         arrivals = [s.arrival_ns for s in vm.sampler.samples[mark:]]
     assert r.outcome == "ok", r.message
     assert r.observer == "minimal" and r.observer_config == MINIMAL.describe()

@@ -12,7 +12,7 @@ from dynamem.observer import (
     OBSERVERS,
     Backoff,
     bound_target,
-    observer,
+    named,
 )
 
 
@@ -55,10 +55,10 @@ def test_impossible_schedules_are_refused(floor, cap, share):
 
 
 def test_settings_by_name_and_unknown_names():
-    assert observer("adaptive") is ADAPTIVE and observer(MINIMAL) is MINIMAL
+    assert named("adaptive") is ADAPTIVE and named(MINIMAL) is MINIMAL
     assert set(OBSERVERS) == {"adaptive", "minimal", "dense"}
     with pytest.raises(UserError, match="choose from adaptive, minimal, dense"):
-        observer("quiet")
+        named("quiet")
 
 
 def test_the_control_arm_does_not_watch_while_the_request_is_in_flight():

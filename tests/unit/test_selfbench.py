@@ -78,3 +78,15 @@ def test_the_bare_poll_returns_when_true_and_gives_up_at_its_deadline():
     assert poll_until(lambda: next(answers), Backoff(0.001, 0.001)) > 0
     with pytest.raises(TimeoutError, match="deadline"):
         poll_until(lambda: False, Backoff(0.001, 0.001), deadline=0.0)
+
+
+def test_guest_clock_windows_are_compared_pairwise_when_every_arm_has_them():
+    b = bench("virtio-mem", [2.0, 2.2, 2.4], [2.1, 2.3, 2.5])
+    assert b.window_ratio("adaptive", "shrink") is None  # not read in this run
+    b.window = {
+        ARMS_BARE: {"shrink": [1.0, 2.0, 3.0]},
+        "adaptive": {"shrink": [1.02, 2.02, 3.06]},
+    }
+    r = b.window_ratio("adaptive", "shrink")
+    assert r is not None and r.median == pytest.approx(1.02) and r.n == 3
+    assert "on the guest's clock = 1.020" in "\n".join(resize_lines(b))
