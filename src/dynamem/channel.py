@@ -22,7 +22,7 @@ from dynamem.observer import Backoff
 
 BASE_COLUMNS = ("totalram_kb", "freeram_kb", "freeswap_kb")
 PROTOCOL = 2  # the sampler's "hello N": the line formats below
-CAUSES = {0: "timer", 1: "uevent", 2: "first"}
+CAUSES = {0: "timer", 1: "uevent", 2: "first", 3: "last"}
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,8 @@
  * It sends "hello 2" at start; each sent check is
  *   s <check> <guest_ns> <prev_check_ns> <cause> <totalram_kB> <freeram_kB> <freeswap_kB>
  *     <meminfo...> <vmstat...>
- * (cause 0 timer, 1 uevent, 2 first check of a schedule; prev_check_ns is the guest time of
+ * (cause 0 timer, 1 uevent, 2 first check of a schedule, 3 the last, with a full record;
+ * prev_check_ns is the guest time of
  * the check before, sent or not, so the host knows when the old value was last seen), and a
  * check with a full record due is followed by
  *   S <check> <guest_ns> <fmeminfo...> <fvmstat...>
@@ -276,7 +277,7 @@ static void check(int cause, long long t)
 	full = fulls.floor_ns > 0 && t >= fulls.next;
 	if (full)
 		fulls.next = t + interval_at(&fulls, t);
-	if (!changed(totalram) && onchange && !full && cause != 2)
+	if (!changed(totalram) && onchange && !full && cause < 2)
 		return;
 	len = snprintf(line, sizeof line, "s %llu %lld %lld %d %llu %llu %llu", nchecks, t, prev,
 		       cause, totalram, (unsigned long long)si.freeram * unit / 1024,
@@ -415,6 +416,11 @@ static void command(char *cmd)
 	else
 		args = cmd + strlen(cmd);
 	if (strcmp(cmd, "schedule") == 0) {
+		if (checks.floor_ns > 0 && fulls.floor_ns > 0 && atoll(args) <= 0) {
+			/* a schedule ends with a full record of the final state, for the figures */
+			fulls.next = 0;
+			check(3, now_ns());
+		}
 		set_schedule(&checks, args);
 		t0 = checks.next;
 		cpu0 = cpu_ns();
