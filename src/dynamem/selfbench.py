@@ -311,7 +311,8 @@ def bench_resize(
                         )
                         report(
                             f"repeat {i + 1}/{repeats} {arm:9} {direction:6} host "
-                            f"{r.host_latency_s * 1000:8.1f} ms, guest {guest} ms, sampler "
+                            f"{r.host_latency_s * 1000:8.1f} ms, guest {guest} ms, guest clock "
+                            f"{(r.sampler_request_window_s or 0) * 1000:.1f} ms, sampler "
                             f"{(r.sampler_request_share or 0) * 100:.2f}% of a vCPU until the "
                             f"host-side outcome, {(r.sampler_cpu_share or 0) * 100:.2f}% over "
                             f"the whole watch"
@@ -393,7 +394,9 @@ def resize_lines(b: ResizeBench) -> list[str]:
 def mechanism_ratio_lines(
     benches: list[ResizeBench], direction: str = "shrink", resamples: int = 2000, seed: int = 0
 ) -> list[str]:
-    """virtio-mem / balloon as dynamem measures it against the bare script's, same run.
+    """virtio-mem / balloon as dynamem measures it against the bare script's, same run:
+    host-side and guest-visible latency against the bare script's host-side latency, and
+    the guest's clock over the request window against the bare script's on the same clock.
 
     Percentile bootstrap over repeats (each repeat's arms resampled together), seeded."""
     import numpy as np
@@ -404,34 +407,43 @@ def mechanism_ratio_lines(
     vm, bal = by["virtio-mem"], by["balloon"]
     rng = np.random.default_rng(seed)
 
-    def med(b: ResizeBench, arm: str, idx: np.ndarray, guest: bool) -> np.ndarray:
-        data = np.asarray((b.guest if guest else b.host)[arm][direction])
-        return np.asarray(np.median(data[idx], axis=-1))
+    def data(b: ResizeBench, arm: str, kind: str) -> list[float]:
+        table = {"host": b.host, "guest": b.guest, "window": b.window}[kind]
+        return table.get(arm, {}).get(direction, [])
 
-    lines = []
+    def med(b: ResizeBench, arm: str, kind: str, idx: np.ndarray) -> np.ndarray:
+        return np.asarray(np.median(np.asarray(data(b, arm, kind))[idx], axis=-1))
+
     n_vm, n_bal = len(vm.host[ARMS_BARE][direction]), len(bal.host[ARMS_BARE][direction])
     i_vm = rng.integers(0, n_vm, (resamples, n_vm))
     i_bal = rng.integers(0, n_bal, (resamples, n_bal))
     all_vm, all_bal = np.arange(n_vm), np.arange(n_bal)
-    bare = med(vm, ARMS_BARE, all_vm, False) / med(bal, ARMS_BARE, all_bal, False)
-    bare_boot = med(vm, ARMS_BARE, i_vm, False) / med(bal, ARMS_BARE, i_bal, False)
-    lines.append(f"virtio-mem / balloon {direction}: bare QMP script {float(bare):.3f}")
+    bare = float(med(vm, ARMS_BARE, "host", all_vm) / med(bal, ARMS_BARE, "host", all_bal))
+    lines = [f"virtio-mem / balloon {direction}: bare QMP script {bare:.3f}"]
+    labels = {"host": "host-side", "guest": "guest-visible", "window": "guest's clock"}
     for arm in vm.guest:
         if arm not in bal.guest:
             continue
-        for guest in (False, True):
-            if guest and (
-                len(vm.guest[arm][direction]) != n_vm or len(bal.guest[arm][direction]) != n_bal
-            ):
+        for kind in ("host", "guest", "window"):
+            reference = "window" if kind == "window" else "host"
+            complete = all(
+                len(data(b, a, k)) == n
+                for b, n in ((vm, n_vm), (bal, n_bal))
+                for a, k in ((arm, kind), (ARMS_BARE, reference))
+            )
+            if not complete:
                 continue
-            point = med(vm, arm, all_vm, guest) / med(bal, arm, all_bal, guest)
-            boot = (med(vm, arm, i_vm, guest) / med(bal, arm, i_bal, guest)) / bare_boot
+            ours = med(vm, arm, kind, all_vm) / med(bal, arm, kind, all_bal)
+            theirs = med(vm, ARMS_BARE, reference, all_vm) / med(bal, ARMS_BARE, reference, all_bal)
+            boot = (med(vm, arm, kind, i_vm) / med(bal, arm, kind, i_bal)) / (
+                med(vm, ARMS_BARE, reference, i_vm) / med(bal, ARMS_BARE, reference, i_bal)
+            )
             low, high = np.percentile(boot, [2.5, 97.5])
-            agree = float(point / bare)
+            agree = float(ours / theirs)
             ok = "within 10%" if 0.9 <= agree <= 1.1 else "NOT within 10%"
             lines.append(
-                f"  dynamem ({arm}, {'guest-visible' if guest else 'host-side'}): "
-                f"{float(point):.3f}; / bare = {agree:.3f} [{low:.3f}, {high:.3f}] "
+                f"  dynamem ({arm}, {labels[kind]}): {float(ours):.3f} against the bare "
+                f"script's {float(theirs):.3f}: {agree:.3f} [{low:.3f}, {high:.3f}] "
                 f"(bootstrap 95%): {ok}"
             )
     return lines
