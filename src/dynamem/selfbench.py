@@ -134,6 +134,7 @@ class ResizeBench:
     # harness arm -> sampler CPU / time from the request to the host-side outcome (one vCPU)
     sampler_share: dict[str, list[float]]
     loads: list[float]  # the host's 1-minute load average at each repeat
+    icount: bool = False
     # harness arm -> that CPU in seconds (over a 20 ms DIMM grow, the query that reads it is
     # most of it)
     sampler_cpu: dict[str, list[float]] = field(default_factory=dict)
@@ -142,7 +143,16 @@ class ResizeBench:
     # guest instructions plus idle time skipped to the next timer)
     window: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
+    @property
+    def guest_clock_counts_work(self) -> bool:
+        """In icount mode an idle guest's clock jumps to its next timer whenever it waits,
+        and the timers differ between arms (the sampler's are timers): only a busy guest's
+        clock counts the work. Outside icount it runs with the host's."""
+        return not self.icount or self.workload != "idle"
+
     def window_ratio(self, arm: str, direction: str, against: str = ARMS_BARE) -> "Ratio | None":
+        if not self.guest_clock_counts_work:
+            return None
         a = self.window.get(arm, {}).get(direction, [])
         b = self.window.get(against, {}).get(direction, [])
         if not a or len(a) != len(b):
@@ -243,6 +253,7 @@ def bench_resize(
     arms = [*bare_arms, *settings]
     out = ResizeBench(
         mechanism, "stress" if stress else "idle", size, config.cpu_model,
+        icount=config.icount,
         host={a: {"grow": [], "shrink": []} for a in arms},
         guest={a: {"grow": [], "shrink": []} for a in settings},
         bounds={a: [] for a in settings},
@@ -426,7 +437,7 @@ def mechanism_ratio_lines(
             continue
         for kind in ("host", "guest", "window"):
             reference = "window" if kind == "window" else "host"
-            complete = all(
+            complete = (kind != "window" or vm.guest_clock_counts_work) and all(
                 len(data(b, a, k)) == n
                 for b, n in ((vm, n_vm), (bal, n_bal))
                 for a, k in ((arm, kind), (ARMS_BARE, reference))

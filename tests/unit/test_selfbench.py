@@ -97,3 +97,12 @@ def test_guest_clock_windows_are_compared_pairwise_when_every_arm_has_them():
     r = b.window_ratio("adaptive", "shrink")
     assert r is not None and r.median == pytest.approx(1.02) and r.n == 3
     assert "on the guest's clock = 1.020" in "\n".join(resize_lines(b))
+
+
+def test_an_idle_guest_clock_in_icount_mode_is_not_compared():
+    b = bench("virtio-mem", [2.0, 2.2, 2.4], [2.1, 2.3, 2.5])
+    b.window = {ARMS_BARE: {"shrink": [1.0, 2.0, 3.0]}, "adaptive": {"shrink": [1.0, 2.0, 3.0]}}
+    b.icount, b.workload = True, "idle"
+    assert b.window_ratio("adaptive", "shrink") is None
+    b.workload = "stress"
+    assert b.window_ratio("adaptive", "shrink") is not None
