@@ -301,7 +301,7 @@ def resize(
             ch.start(obs.checks, obs.full)
         expect_change = req is not None and mech.host_bytes(vm) != start_bytes
         allowance = reaction_s if expect_change else 0.0
-        _settle(vm, mech, mark, settle_s, allowance, t_outcome, deadline_s)
+        _settle(vm, mech, mark, settle_s, allowance, Instant(t_outcome, clock_outcome), deadline_s)
         if req is not None:
             mech.finish(vm, req)
         _settle_host(host_sampler, settle_s)
@@ -396,24 +396,42 @@ def first_change_index(signal: np.ndarray) -> int | None:
     return int(differs[0]) if len(differs) else None
 
 
+@dataclass(frozen=True)
+class Instant:
+    """One moment on both clocks: the host's monotonic and the guest's."""
+
+    host_ns: int
+    guest_ns: int
+
+
 def settle_state(
     signal: np.ndarray,
-    arrivals: np.ndarray,
-    now_ns: int,
-    outcome_ns: int,
+    looks: list[Instant],
+    now: Instant,
+    outcome: Instant,
     settle_s: float,
     reaction_s: float,
 ) -> bool:
     """Whether the watch may end: the guest's view has not changed for `settle_s` since its
     last change, counted from its first change, not from before the request (a guest slow
     to react has not settled, it has not started). Without any change yet it may end once
-    `reaction_s` has passed since the host-side outcome (0 when no change is expected)."""
+    `reaction_s` has passed since the host-side outcome (0 when no change is expected).
+
+    Quiet must last on both clocks: in icount mode a busy guest's clock runs many times
+    slower than the host's, and half a second of host time can be a few milliseconds of
+    guest work (a virtio-mem grow beside stress was judged partial after one of its two
+    blocks); an idle guest's clock jumps ahead, and then the host's is the one that binds.
+    `looks[i]` is when the sampler looked for `signal[i]`; `now` how far it has looked."""
+
+    def quiet(since: Instant, seconds: float) -> bool:
+        wait = seconds * 1e9
+        return now.host_ns - since.host_ns > wait and now.guest_ns - since.guest_ns > wait
+
     first = first_change_index(signal)
     if first is None:
-        return now_ns - outcome_ns > max(reaction_s, settle_s) * 1e9
+        return quiet(outcome, max(reaction_s, settle_s))
     changed = np.nonzero(signal[1:] != signal[:-1])[0]
-    last_change_ns = int(arrivals[int(changed[-1]) + 1])
-    return now_ns - last_change_ns > settle_s * 1e9
+    return quiet(looks[int(changed[-1]) + 1], settle_s)
 
 
 def _settle(
@@ -422,7 +440,7 @@ def _settle(
     mark: int,
     settle_s: float,
     reaction_s: float,
-    outcome_ns: int,
+    outcome: Instant,
     deadline_s: float,
 ) -> None:
     """Keep watching until the guest's view has settled (settle_state) or a deadline."""
@@ -431,11 +449,11 @@ def _settle(
     while time.monotonic() < deadline:
         time.sleep(settle_s / 5)
         pong = ch.barrier()  # every look sent so far has arrived
-        now = time.monotonic_ns() - int(pong.rtt_s * 1e9)
+        now = Instant(time.monotonic_ns() - int(pong.rtt_s * 1e9), pong.last_check_ns)
         samples = ch.samples[mark:]
         signal = guest_signal(mech, ch.columns, samples)
-        arrivals = np.array([s.arrival_ns for s in samples], dtype=np.int64)
-        if len(signal) and settle_state(signal, arrivals, now, outcome_ns, settle_s, reaction_s):
+        looks = [Instant(s.arrival_ns, s.guest_ns) for s in samples]
+        if len(signal) and settle_state(signal, looks, now, outcome, settle_s, reaction_s):
             return
 
 

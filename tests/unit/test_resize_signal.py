@@ -7,6 +7,7 @@ import pytest
 from dynamem.channel import BASE_COLUMNS, Calibration, Sample
 from dynamem.mechanisms import Balloon, VirtioMem
 from dynamem.resize import (
+    Instant,
     ResizeResult,
     _guest_view,
     completion_index,
@@ -58,29 +59,47 @@ FIXTURES = Path(__file__).parents[1] / "fixtures"
 MS = 1_000_000
 
 
+def same(*ms):
+    """Instants where the guest's clock runs with the host's (wall-clock TCG, KVM)."""
+    return [Instant(m * MS, m * MS) for m in ms]
+
+
 def test_a_guest_that_has_not_reacted_yet_has_not_settled():
     """A DIMM grow is done for QEMU at device_add; a guest slow to start onlining shows no
     change for a while. Counting quiet from before the request judged it settled."""
     signal = np.array([100, 100, 100])
-    arrivals = np.array([0, 10, 20]) * MS
-    outcome = 5 * MS
-    assert not settle_state(signal, arrivals, 900 * MS, outcome, settle_s=0.5, reaction_s=5.0)
-    assert settle_state(signal, arrivals, 5_006 * MS, outcome, settle_s=0.5, reaction_s=5.0)
+    looks = same(0, 10, 20)
+    (outcome,) = same(5)
+    assert not settle_state(signal, looks, *same(900), outcome, settle_s=0.5, reaction_s=5.0)
+    assert settle_state(signal, looks, *same(5_006), outcome, settle_s=0.5, reaction_s=5.0)
 
 
 def test_quiet_counts_from_the_last_change_once_the_guest_reacted():
     signal = np.array([100, 100, 120, 140, 140])
-    arrivals = np.array([0, 10, 1_000, 1_200, 1_300]) * MS
-    outcome = 5 * MS
-    assert not settle_state(signal, arrivals, 1_600 * MS, outcome, 0.5, 5.0)
-    assert settle_state(signal, arrivals, 1_701 * MS, outcome, 0.5, 5.0)
+    looks = same(0, 10, 1_000, 1_200, 1_300)
+    (outcome,) = same(5)
+    assert not settle_state(signal, looks, *same(1_600), outcome, 0.5, 5.0)
+    assert settle_state(signal, looks, *same(1_701), outcome, 0.5, 5.0)
 
 
 def test_without_an_expected_change_the_watch_ends_a_quiet_period_after_the_outcome():
     signal = np.array([100, 100])
-    arrivals = np.array([0, 10]) * MS
-    assert not settle_state(signal, arrivals, 400 * MS, 0, settle_s=0.5, reaction_s=0.0)
-    assert settle_state(signal, arrivals, 501 * MS, 0, settle_s=0.5, reaction_s=0.0)
+    looks = same(0, 10)
+    (outcome,) = same(0)
+    assert not settle_state(signal, looks, *same(400), outcome, settle_s=0.5, reaction_s=0.0)
+    assert settle_state(signal, looks, *same(501), outcome, settle_s=0.5, reaction_s=0.0)
+
+
+def test_quiet_must_last_on_the_guests_clock_too():
+    """icount, busy guest: 2 s of host time after the last change were 100 ms of guest time,
+    not enough for a virtio-mem grow's second block to be added and onlined."""
+    signal = np.array([100, 100, 228])
+    looks = [Instant(0, 0), Instant(10 * MS, 1 * MS), Instant(500 * MS, 25 * MS)]
+    outcome = Instant(400 * MS, 20 * MS)
+    assert not settle_state(signal, looks, Instant(2_500 * MS, 125 * MS), outcome, 0.5, 5.0)
+    assert settle_state(signal, looks, Instant(11_000 * MS, 526 * MS), outcome, 0.5, 5.0)
+    # an idle guest's clock jumps ahead in icount mode: then the host's binds
+    assert not settle_state(signal, looks, Instant(900 * MS, 9_000 * MS), outcome, 0.5, 5.0)
 
 
 def test_first_change_is_against_the_baseline():
