@@ -93,11 +93,14 @@ class ResizeResult:
     guest_reaction_s: float | None = None  # request to the first guest-visible change
     reaction_allowance_s: float | None = None  # how long a first change was waited for
     settle_quiet_s: float | None = None  # quiet period that ended the watch
-    sampler_checks: int | None = None  # the sampler's looks during the watch
+    sampler_checks: int | None = None  # the sampler's looks, baseline to last, sent or not
     sampler_uevent_checks: int | None = None  # of the sent lines, those a uevent caused
-    sampler_window_s: float | None = None  # host time over which sampler_cpu_s was used
+    # sampler_cpu_s is from just before the request to the end of the watch, this long on
+    # the guest's clock
+    sampler_window_s: float | None = None
     sampler_cpu_share: float | None = None  # sampler_cpu_s / sampler_window_s (one vCPU = 1)
-    # the same from the first look to the host-side outcome: what the request competed with
+    # the same from just before the request to the host-side outcome (guest's clock): what
+    # the resize competed with
     sampler_request_cpu_s: float | None = None
     sampler_request_window_s: float | None = None
     sampler_request_share: float | None = None
