@@ -7,7 +7,6 @@ through this; `dynamem resize` runs one cell through the same path and prints it
 failure is recorded with the phase it happened in; only Ctrl-C escapes.
 """
 
-import dataclasses
 import platform
 import time
 from dataclasses import dataclass
@@ -61,8 +60,7 @@ class WorkloadDied(DynamemError):
 def plan_for(mech: Mechanism, mplan: MemoryPlan, **vm_options: Any) -> Plan:
     """The VM a mechanism's memory plan needs: boot RAM, maxmem and slots, devices."""
     maxmem, slots = mech.memory_options(mplan)
-    cpu_model = vm_options.pop("cpu_model", None)
-    plan = plan_vm(
+    return plan_vm(
         memory=mplan.boot,
         maxmem=maxmem,
         slots=slots,
@@ -70,9 +68,6 @@ def plan_for(mech: Mechanism, mplan: MemoryPlan, **vm_options: Any) -> Plan:
         kernel_args=tuple(vm_options.pop("kernel_args", ())) + mech.kernel_args(),
         **vm_options,
     )
-    if cpu_model is not None:
-        plan = dataclasses.replace(plan, config=dataclasses.replace(plan.config, cpu=cpu_model))
-    return plan
 
 
 def host_cpu_model() -> str:
@@ -88,8 +83,6 @@ def host_cpu_model() -> str:
 
 def context_of(plan: Plan, vm: VM, mplan: MemoryPlan) -> CellContext:
     """What this cell's guest really was, so its numbers are never read out of context."""
-    from dynamem.qemu.config import default_cpu_model
-
     c = plan.config
     return CellContext(
         accel=plan.accel.accel,
@@ -110,7 +103,7 @@ def context_of(plan: Plan, vm: VM, mplan: MemoryPlan) -> CellContext:
         before_bytes=mplan.before,
         dynamem_version=__version__,
         boot_kernel_log=hotplug_log_lines("\n".join(kernel_log(vm))),
-        cpu_model=c.cpu or default_cpu_model(c.accel),
+        cpu_model=c.cpu_model,
     )
 
 
@@ -127,8 +120,10 @@ def prepare(
     prep = None
     stall = mech.no_progress_s
     t0 = time.monotonic()
-    if mplan.prepare:
-        prep = resize(vm, mech, mplan.prepare, deadline_s=deadline_s, stall_s=stall)
+    if mplan.prepare:  # watched cheaply: nothing of it is measured
+        prep = resize(
+            vm, mech, mplan.prepare, deadline_s=deadline_s, stall_s=stall, observer="minimal"
+        )
         if prep.outcome != "ok":
             raise VMError(
                 f"preparation ({format_size(abs(mplan.prepare))} "
@@ -139,11 +134,14 @@ def prepare(
     if warmup:
         done: list[int] = []
         for delta in mplan.deltas:
-            if resize(vm, mech, delta, deadline_s=deadline_s, stall_s=stall).outcome != "ok":
+            warm = resize(vm, mech, delta, deadline_s=deadline_s, stall_s=stall, observer="minimal")
+            if warm.outcome != "ok":
                 break
             done.append(delta)
         for delta in reversed(done):
-            undo = resize(vm, mech, -delta, deadline_s=deadline_s, stall_s=stall)
+            undo = resize(
+                vm, mech, -delta, deadline_s=deadline_s, stall_s=stall, observer="minimal"
+            )
             if undo.outcome != "ok":
                 raise VMError(f"undoing a warm-up step did not complete: {undo.message}")
         off = _off_path(vm, mech, mplan.before)
@@ -249,7 +247,7 @@ def run_cell(
         plan = plan_for(
             mech, mplan, guest=guest, cpus=s.cpus, accel_request=accel_request, qemu=qemu,
             memhp_default_state=s.memhp_default_state, kernel_args=s.kernel_args,
-            swap=s.swap, swap_size=s.swap_size, cpu_model=s.cpu_model,
+            swap=s.swap, swap_size=s.swap_size, cpu=s.cpu_model,
             data_size=s.workload_size if s.workload == "pagecache" else 0,
         )  # fmt: skip
         vm = VM(plan.config)
@@ -282,8 +280,9 @@ def run_cell(
                         continue
                     inject.before_step(k, vm, mech)
                     r = resize(
-                        vm, mech, step.delta, deadline_s=s.deadline, stall_s=mech.no_progress_s
-                    )
+                        vm, mech, step.delta, deadline_s=s.deadline,
+                        stall_s=mech.no_progress_s, observer=s.observer,
+                    )  # fmt: skip
                     mech.after_request.clear()  # a hook never outlives its step
                     done = ResizeStep.of(str(step), r)
                     if isinstance(workload, Impact):  # what the workload felt, as it ends

@@ -2,7 +2,9 @@
 
 Every line is stamped with the host's monotonic clock when it arrives, so guest-visible
 completion is measured on the same clock as the QMP request. The channel is FIFO, so a
-ping doubles as a barrier: everything sent before it has arrived once its pong has.
+ping doubles as a barrier: everything sent before it has arrived once its pong has, and
+the pong says up to which guest time the sampler has looked (it sends a look only when
+something changed, so silence alone proves nothing).
 """
 
 import contextlib
@@ -16,16 +18,31 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dynamem.errors import DeadlineExceeded, VMError
+from dynamem.observer import Backoff
 
 BASE_COLUMNS = ("totalram_kb", "freeram_kb", "freeswap_kb")
+PROTOCOL = 2  # the sampler's "hello N": the line formats below
+CAUSES = {0: "timer", 1: "uevent", 2: "first", 3: "last"}
 
 
 @dataclass(frozen=True)
 class Sample:
     arrival_ns: int  # host monotonic
-    seq: int
-    guest_ns: int  # guest monotonic
+    seq: int  # the sampler's look number (looks that changed nothing are not sent)
+    guest_ns: int  # guest monotonic, when the sampler looked
     values: tuple[int, ...]
+    prev_guest_ns: int = 0  # guest monotonic of the look before, sent or not
+    cause: int = 0  # what made it look (CAUSES)
+
+
+@dataclass(frozen=True)
+class Pong:
+    """A ping's answer: the round trip, and how far the sampler had looked by then."""
+
+    rtt_s: float
+    guest_ns: int
+    last_check_ns: int
+    checks: int
 
 
 @dataclass(frozen=True)
@@ -50,6 +67,7 @@ class SamplerChannel:
         self._replies: dict[str, list[str]] = {}
         self._frames: dict[str, dict[str, bytes]] = {}
         self._hello = False
+        self._hello_version = 0
         self._closed = False
         self._tokens = itertools.count(1)
         self._send_lock = threading.Lock()
@@ -57,9 +75,7 @@ class SamplerChannel:
         self.full_samples: list[Sample] = []  # the "S" records: what a resize costs
         self.columns: tuple[str, ...] = BASE_COLUMNS
         self.full_columns: tuple[str, ...] = ()
-        self.every = 0
-        self.batch = 1
-        self.interval_ns = 0
+        self.schedule: Backoff | None = None  # looks now running (None: the sampler sleeps)
 
     # -- connection ----------------------------------------------------------------------------
 
@@ -81,8 +97,7 @@ class SamplerChannel:
         """The guest sampler is about to restart (reboot): forget its settings."""
         with self._cond:
             self._hello = False
-        self.columns, self.full_columns, self.every, self.batch = BASE_COLUMNS, (), 0, 1
-        self.interval_ns = 0
+        self.columns, self.full_columns, self.schedule = BASE_COLUMNS, (), None
 
     def wait_hello(self, timeout: float) -> None:
         with self._cond:
@@ -90,6 +105,11 @@ class SamplerChannel:
                 raise DeadlineExceeded(f"the guest sampler did not say hello within {timeout:g} s")
             if not self._hello:
                 raise VMError("the sampler channel closed before the guest sampler started")
+            if self._hello_version != PROTOCOL:
+                raise VMError(
+                    f"the guest sampler speaks protocol {self._hello_version}, this dynamem "
+                    f"{PROTOCOL}: rebuild the guest (dynamem guest build)"
+                )
 
     def close(self) -> None:
         self._closed = True
@@ -118,13 +138,19 @@ class SamplerChannel:
                 raise VMError(f"sampler channel closed while waiting for {what}")
             return self._replies.pop(key)
 
-    def ping(self, timeout: float = 5.0) -> float:
-        """One round trip in seconds; also a barrier for everything sent before."""
+    def barrier(self, timeout: float = 5.0) -> Pong:
+        """A ping: everything the sampler sent before has arrived when this returns."""
         token = str(next(self._tokens))
         start = time.monotonic_ns()
         self._send(f"ping {token}")
-        self._await(f"pong {token}", timeout, "ping")
-        return (time.monotonic_ns() - start) / 1e9
+        words = self._await(f"pong {token}", timeout, "ping")
+        rtt = (time.monotonic_ns() - start) / 1e9
+        guest_ns, last_check, checks = (int(w) for w in (words + ["0", "0", "0"])[:3])
+        return Pong(rtt, guest_ns, last_check, checks)
+
+    def ping(self, timeout: float = 5.0) -> float:
+        """One round trip in seconds; also a barrier for everything sent before."""
+        return self.barrier(timeout).rtt_s
 
     def calibrate(self, n: int = 30) -> Calibration:
         rtts = sorted(self.ping() for _ in range(n))
@@ -137,32 +163,39 @@ class SamplerChannel:
         *,
         full_meminfo: tuple[str, ...] = (),
         full_vmstat: tuple[str, ...] = (),
-        every: int = 0,
-        batch: int = 1,
+        onchange: bool = False,
+        uevents: bool = False,
+        cpu_budget: float = 0.0,
     ) -> None:
-        """Choose the fields of fast samples and of the full record sent with every
-        `every`-th sample (sampling pauses while this changes)."""
-        interval = self.interval_ns
-        self.set_interval(0)
+        """Choose the fields of each look and of the full record, whether a look that
+        changed nothing is sent, whether memory-block uevents wake the sampler, and the
+        share of one CPU the sampler may use once a schedule runs (0: no limit). Stops any
+        running schedule first (fields must not change under a running one)."""
+        self.stop()
         self._send("meminfo " + " ".join(meminfo))
         self._send("vmstat " + " ".join(vmstat))
         self._send("fmeminfo " + " ".join(full_meminfo))
         self._send("fvmstat " + " ".join(full_vmstat))
-        self._send(f"every {every}")
-        self._send(f"batch {batch}")
+        self._send(f"onchange {int(onchange)}")
+        self._send(f"uevent {int(uevents)}")
+        self._send(f"budget {round(cpu_budget * 1e6)}")
         self.ping()
         self.columns = BASE_COLUMNS + tuple(meminfo) + tuple(vmstat)
         self.full_columns = tuple(full_meminfo) + tuple(full_vmstat)
-        self.every = every
-        self.batch = batch
-        if interval:
-            self.set_interval(interval)
 
-    def set_interval(self, interval_ns: int) -> None:
-        """Sample every `interval_ns` (0 stops); returns once the guest has the new rate."""
-        self._send(f"interval {interval_ns}")
-        self.ping()
-        self.interval_ns = interval_ns
+    def start(self, checks: Backoff, full: Backoff | None = None) -> Pong:
+        """Start (or restart: elapsed counts from now) the looks; the first look is sent
+        at once and has arrived when this returns."""
+        self._send("full " + (full.sampler_args() if full else "0 0 0"))
+        self._send("schedule " + checks.sampler_args())
+        self.schedule = checks
+        return self.barrier()
+
+    def stop(self) -> Pong:
+        """The sampler sleeps until the next command; everything it sent has arrived."""
+        self._send("schedule 0 0 0")
+        self.schedule = None
+        return self.barrier()
 
     def snapshot(self, paths: list[str], timeout: float = 10.0) -> dict[str, str]:
         """Whole files read by the guest (e.g. /proc/zoneinfo, or 'memblocks')."""
@@ -175,10 +208,14 @@ class SamplerChannel:
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) the sampler process has used in the guest."""
+        return self.cpu_and_clock()[0]
+
+    def cpu_and_clock(self) -> tuple[float, int]:
+        """The sampler's CPU time (s) and the guest's monotonic clock (ns) when it read it."""
         token = f"c{next(self._tokens)}"
         self._send(f"cpu {token}")
-        (ns,) = self._await(f"cpu {token}", 5.0, "cpu")
-        return int(ns) / 1e9
+        words = self._await(f"cpu {token}", 5.0, "cpu")
+        return int(words[0]) / 1e9, int(words[1]) if len(words) > 1 else 0
 
     def mark(self) -> int:
         return len(self.samples)
@@ -226,9 +263,9 @@ class SamplerChannel:
         words = line.split()
         if not words:
             return
-        if words[0] == "s" and len(words) >= 6:
+        if words[0] == "s" and len(words) >= 8:
             nums = [int(w) for w in words[1:]]
-            self.samples.append(Sample(now, nums[0], nums[1], tuple(nums[2:])))
+            self.samples.append(Sample(now, nums[0], nums[1], tuple(nums[4:]), nums[2], nums[3]))
             return
         if words[0] == "S" and len(words) >= 3:
             nums = [int(w) for w in words[1:]]
@@ -237,6 +274,7 @@ class SamplerChannel:
         with self._cond:
             if words[0] == "hello":
                 self._hello = True
+                self._hello_version = int(words[1]) if words[1:2] and words[1].isdigit() else 0
             elif words[0] in ("pong", "end", "cpu") and len(words) >= 2:
                 self._replies[f"{words[0]} {words[1]}"] = words[2:]
             self._cond.notify_all()

@@ -34,6 +34,8 @@ def plan_vm(
     guest: str = "minimal",
     memory: int,
     cpus: int = 2,
+    cpu: str | None = None,
+    icount: bool = False,
     accel_request: str | None = None,
     qemu: str = "qemu-system-x86_64",
     maxmem: int | None = None,
@@ -45,7 +47,10 @@ def plan_vm(
     swap_size: int = 1 << 30,
     data_size: int = 0,
 ) -> Plan:
-    """Validate everything that can be checked before a QEMU is started."""
+    """Validate everything that can be checked before a QEMU is started.
+
+    `cpu` is the guest's -cpu (None: the accelerator's default, config.default_cpu);
+    `icount` runs TCG in icount mode (one vCPU), see VMConfig."""
     if accel_request not in (None, "auto", "kvm", "tcg"):
         raise UserError(f"unknown accelerator {accel_request!r} (choose from auto, kvm, tcg)")
     # Configuration errors first: nothing is probed or started for a plan that cannot run.
@@ -56,6 +61,10 @@ def plan_vm(
         maxmem=maxmem,
         slots=slots,
         cpus=cpus,
+        cpu=cpu,
+        icount=icount,
+        # the accelerator is probed below; this one only lets the checks run first
+        accel="tcg" if icount or accel_request == "tcg" else "kvm",
         memhp_default_state=memhp_default_state,
         kernel_args=kernel_args,
         extra_args=extra_args,
@@ -66,6 +75,6 @@ def plan_vm(
     )
     version = check_qemu(qemu)
     image = find_image(load_recipe(guest))
-    choice = accel.choose(accel_request, qemu, image.kernel)
+    choice = accel.choose("tcg" if icount else accel_request, qemu, image.kernel)
     config = replace(config, kernel=image.kernel, initrd=image.initrd, accel=choice.accel)
     return Plan(config, image, choice, version)

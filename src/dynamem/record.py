@@ -156,14 +156,39 @@ class ResizeRecord(_Record):
     t_guest_done_ns: int | None = None
     host_latency_s: float | None = None
     guest_latency_s: float | None = None
-    guest_bound_s: float | None = None  # guest-visible completion is within this
+    # guest-visible completion is late by at most this, never early (format 1 printed it as
+    # "+/-"; the stamp was always one-sided)
+    guest_bound_s: float | None = None
     polls: int = 0
     poll_period_median_s: float | None = None
-    sample_interval_s: float | None = None
-    samples: int = 0
+    sample_interval_s: float | None = None  # the sampler's first (smallest) look interval
+    samples: int = 0  # lines the sampler sent (looks that changed nothing are not sent)
     sampler_cpu_s: float | None = None
     channel_rtt_median_s: float | None = None
     channel_rtt_p95_s: float | None = None
+    channel_rtt_max_s: float | None = None
+    channel_rtt_n: int | None = None
+    # How the harness watched (dynamem.observer), and what watching cost the guest.
+    observer: str = "dense"  # the setting's name; format 1 watched as "dense" does
+    observer_config: dict[str, Any] = field(default_factory=dict)  # its schedules
+    cpu_model: str | None = None  # the guest's -cpu
+    host_bound_s: float | None = None  # host-side completion is late by at most this
+    guest_bound_target_s: float | None = None  # max(5 ms, 1% of the guest latency)
+    guest_look_gap_s: float | None = None  # guest clock: completing look minus the one before
+    guest_reaction_s: float | None = None  # request to the first guest-visible change
+    reaction_allowance_s: float | None = None  # how long a first change was waited for
+    settle_quiet_s: float | None = None  # quiet period that ended the watch
+    sampler_checks: int | None = None  # the sampler's looks, baseline to last, sent or not
+    sampler_uevent_checks: int | None = None  # of the sent lines, those a uevent caused
+    # sampler_cpu_s is from just before the request to the end of the watch, this long on
+    # the guest's clock
+    sampler_window_s: float | None = None
+    sampler_cpu_share: float | None = None  # sampler_cpu_s / sampler_window_s (one vCPU = 1)
+    # the same from just before the request to the host-side outcome (guest's clock): what
+    # the resize competed with
+    sampler_request_cpu_s: float | None = None
+    sampler_request_window_s: float | None = None
+    sampler_request_share: float | None = None
     kernel_log: list[str] = field(default_factory=list)
     mechanism_config: dict[str, Any] = field(default_factory=dict)
     cost: ResizeCost = field(default_factory=ResizeCost)
@@ -312,7 +337,7 @@ class Condition(_Record):
     kernel_args: tuple[str, ...]
     warmup: bool
     steps: tuple[str, ...]  # the scenario's whole step sequence
-    observer: str = "standard"  # how the harness watched (sampling and polling)
+    observer: str = "adaptive"  # how the harness watched (dynamem.observer)
     start: str = "boot"  # how the cell's guest started
 
     @property
@@ -608,7 +633,7 @@ def _v1_condition(raw: dict[str, Any], context: dict[str, Any], accel: str) -> C
         kernel_args=tuple(str(a) for a in raw.get("kernel_args", ())),
         warmup=bool(raw.get("warmup", True)),
         steps=tuple(str(s) for s in raw.get("steps", ())),
-        observer="v1-500Hz",  # format 1 sampled at 500 Hz and polled QMP every 2 ms
+        observer="dense",  # format 1 sampled at 500 Hz and polled QMP every 2 ms: "dense"
         start="boot",
     )
 

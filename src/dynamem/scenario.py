@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from dynamem import faults, mechanisms
+from dynamem import observer as observers
 from dynamem.errors import UserError
 from dynamem.mechanisms import Mechanism, MemoryPlan
-from dynamem.qemu.config import ONLINE_STATES, SWAP_KINDS, default_cpu_model
+from dynamem.qemu.config import ONLINE_STATES, SWAP_KINDS, default_cpu
 from dynamem.record import Condition, MechanismConfig
 from dynamem.units import format_size, parse_size
 
@@ -40,7 +41,8 @@ SCENARIO_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "boot_memory": (str, "boot RAM (default: what the steps need)"),
     "maxmem": (str, "upper bound for hotplugged memory"),
     "cpus": (int, "vCPUs"),
-    "cpu_model": (str, "QEMU -cpu model (default: host under KVM, max under TCG)"),
+    "cpu_model": (str, "QEMU -cpu model (default: host under KVM, qemu64 under TCG)"),
+    "observer": (str, "how closely resizes are watched: adaptive (default), minimal, dense"),
     "memhp_default_state": (str, "how the guest onlines hotplugged memory"),
     "kernel_args": (list, "extra guest kernel arguments"),
     "swap": (str, "disk, zram or none"),
@@ -118,6 +120,7 @@ class Scenario:
     repeats: int = 5
     deadline: float = 120.0
     no_progress: float | None = None  # None: the mechanism's default
+    observer: str = observers.DEFAULT
     reproduces: str | None = None
     inject: faults.Fault | None = None
     inject_repeats: tuple[int, ...] = ()  # empty: every repeat
@@ -157,12 +160,12 @@ class Scenario:
             no_progress_s=mech.no_progress_s,
         )
 
-    def condition(self, accel: str, observer: str = "standard", start: str = "boot") -> Condition:
+    def condition(self, accel: str, start: str = "boot") -> Condition:
         """What this scenario's cells measure under `accel`, the mechanism aside."""
         return Condition(
             memory=self.memory,
             cpus=self.cpus,
-            cpu_model=self.cpu_model or default_cpu_model(accel),
+            cpu_model=self.cpu_model or default_cpu(accel),
             accel=accel,
             workload=self.workload,
             workload_size=self.workload_size,
@@ -173,7 +176,7 @@ class Scenario:
             kernel_args=self.kernel_args,
             warmup=self.warmup,
             steps=tuple(str(s) for s in self.steps),
-            observer=observer,
+            observer=self.observer,
             start=start,
         )
 
@@ -280,6 +283,11 @@ def build_scenario(data: dict[str, Any], where: str) -> Scenario:
     for key in ("repeats", "cpus"):
         if key in data and data[key] < 1:
             raise UserError(f"{where}: {key} must be at least 1")
+    if data.get("observer", observers.DEFAULT) not in observers.OBSERVERS:
+        raise UserError(
+            f"{where}: unknown observer {data['observer']!r} "
+            f"(choose from {', '.join(observers.OBSERVERS)})"
+        )
     if data.get("reproduces", "hyperalloc") not in REPRODUCIBLE:
         raise UserError(
             f"{where}: reproduces {data['reproduces']!r} is not one of {', '.join(REPRODUCIBLE)}"
@@ -318,6 +326,7 @@ def build_scenario(data: dict[str, Any], where: str) -> Scenario:
         repeats=data.get("repeats", 5),
         deadline=float(data.get("deadline", 120.0)),
         no_progress=float(data["no_progress"]) if "no_progress" in data else None,
+        observer=data.get("observer", observers.DEFAULT),
         reproduces=data.get("reproduces"),
         inject=faults.parse(data["inject"], len(steps), data["mechanism"])
         if "inject" in data

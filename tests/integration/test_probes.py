@@ -110,7 +110,11 @@ def test_host_gets_touched_memory_back_and_watermarks_are_measured(image, run_ba
             assert dma32["min"][1] != dma32["min"][0]
             assert r.figures["guest"]["watermarks_moved"]["Node0/DMA32"]
         assert len(r.series["host_rss_kb"]) > 10
-        assert len(r.series["full_t_ns"]) > 5
+        # full records back off with time: the figures get the state before the request,
+        # during the change and after it settled
+        full = r.series["full_t_ns"]
+        assert len(full) >= 3 and full[0] <= r.t_request_ns
+        assert r.t_guest_done_ns is not None and full[-1] >= r.t_guest_done_ns
 
 
 @pytest.mark.parametrize("swap", ["disk", "zram"])

@@ -3,7 +3,14 @@ from pathlib import Path
 import pytest
 
 from dynamem.errors import UserError
-from dynamem.qemu.config import RunFiles, VMConfig, build_argv, memory_arg
+from dynamem.qemu.config import (
+    DEFAULT_TCG_CPU,
+    RunFiles,
+    VMConfig,
+    build_argv,
+    default_cpu,
+    memory_arg,
+)
 from dynamem.units import GiB, MiB
 
 
@@ -35,9 +42,18 @@ def test_qmp_connects_to_our_socket_and_console_goes_to_a_file():
 
 
 def test_cpu_model_follows_the_accelerator():
-    assert value_after(build_argv(config(accel="tcg"), files()), "-cpu") == ["max"]
+    assert value_after(build_argv(config(accel="tcg"), files()), "-cpu") == [DEFAULT_TCG_CPU]
     assert value_after(build_argv(config(accel="kvm"), files()), "-cpu") == ["host"]
     assert value_after(build_argv(config(accel="kvm", cpu="EPYC"), files()), "-cpu") == ["EPYC"]
+    assert config(accel="tcg", cpu="qemu64").cpu_model == "qemu64"
+    assert config(accel="tcg").cpu_model == default_cpu("tcg") == DEFAULT_TCG_CPU
+
+
+def test_icount_is_single_threaded_tcg_with_one_instruction_per_nanosecond():
+    argv = build_argv(config(accel="tcg", cpus=1, icount=True), files())
+    assert value_after(argv, "-accel") == ["tcg,thread=single"]
+    assert value_after(argv, "-icount") == ["shift=0,sleep=off"]
+    assert "-icount" not in build_argv(config(accel="tcg"), files())
 
 
 def test_memory_argument_with_and_without_hotplug_room():
@@ -49,6 +65,7 @@ def test_kernel_command_line_carries_the_online_policy():
     cmdline = value_after(build_argv(config(), files()), "-append")[0]
     assert "memhp_default_state=online_movable" in cmdline.split()
     assert "console=ttyS0" in cmdline.split()
+    assert "swiotlb=noforce" in cmdline.split()  # equal MemTotal with and without maxmem
     other = config(memhp_default_state="online_kernel", kernel_args=("init_on_alloc=0",))
     assert other.cmdline.split()[-2:] == ["memhp_default_state=online_kernel", "init_on_alloc=0"]
 
@@ -74,6 +91,9 @@ def test_extra_arguments_come_last_in_order():
         ({"memory": 2 * GiB, "maxmem": GiB}, "maxmem 1G is below memory 2G"),
         ({"slots": 4}, "slots need maxmem"),
         ({"maxmem": 4 * GiB, "slots": 300}, "between 0 and 256"),
+        ({"accel": "kvm", "icount": True, "cpus": 1}, "icount needs --accel tcg and 1 vCPU"),
+        ({"accel": "tcg", "icount": True, "cpus": 2}, "icount needs --accel tcg and 1 vCPU"),
+        ({"accel": "tcg", "cpu": "host"}, "-cpu host needs KVM"),
     ],
 )
 def test_invalid_configs_are_user_errors(kw, message):

@@ -39,7 +39,7 @@ def test_a_format1_cell_gets_its_condition_from_its_scenario():
     c = record.condition
     assert (c.memory, c.workload, c.workload_size) == (1 << 30, "stress", 614 << 20)
     assert (c.swap, c.swap_size, c.cpu_model, c.accel) == ("disk", 512 << 20, "max", "tcg")
-    assert c.steps == ("shrink 256M", "grow 256M") and c.observer == "v1-500Hz"
+    assert c.steps == ("shrink 256M", "grow 256M") and c.observer == "dense"
     assert record.mechanism.label == "virtio-mem/sbm"
     shrink = record.resizes()[0][1]
     assert shrink.cost.guest is not None and shrink.cost.guest.pages_migrated == 71770

@@ -180,7 +180,7 @@ def test_report_of_a_real_format1_run_with_failures(tmp_path):
     store = RunStore.open(tmp_path / "old")
     md_path, html_path = build_report(store, tmp_path / "out")
     md = md_path.read_text()
-    assert "results format 1" in md and "observer | v1-500Hz" in md
+    assert "results format 1" in md and "observer | dense" in md
     top = md.split("Behind the marks")[0]
     verdict = [line for line in top.splitlines() if line.startswith("| shrink 256M: latency")]
     assert len(verdict) == 2  # idle and stress: two conditions

@@ -1,8 +1,21 @@
-import numpy as np
+import json
+from pathlib import Path
 
-from dynamem.channel import BASE_COLUMNS, Sample
+import numpy as np
+import pytest
+
+from dynamem.channel import BASE_COLUMNS, Calibration, Sample
 from dynamem.mechanisms import Balloon, VirtioMem
-from dynamem.resize import completion_index, guest_signal
+from dynamem.resize import (
+    Instant,
+    ResizeResult,
+    _guest_view,
+    completion_index,
+    first_change_index,
+    guest_signal,
+    late_bound,
+    settle_state,
+)
 
 
 def test_completion_is_the_first_sample_that_stays_final():
@@ -37,3 +50,137 @@ def test_guest_signal_balloon_pages_with_deflate_on_oom():
     columns = BASE_COLUMNS + ("balloon_inflate", "balloon_deflate")
     s = samples([(1000, 1, 0, 0, 0), (1000, 1, 0, 300, 44)])
     assert list(guest_signal(Balloon(deflate_on_oom=True), columns, s)) == [0, 256 * 4096]
+
+
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+
+# -- when the watch may end (issue 12, item 8) ------------------------------------------------
+
+MS = 1_000_000
+
+
+def same(*ms):
+    """Instants where the guest's clock runs with the host's (wall-clock TCG, KVM)."""
+    return [Instant(m * MS, m * MS) for m in ms]
+
+
+def test_a_guest_that_has_not_reacted_yet_has_not_settled():
+    """A DIMM grow is done for QEMU at device_add; a guest slow to start onlining shows no
+    change for a while. Counting quiet from before the request judged it settled."""
+    signal = np.array([100, 100, 100])
+    looks = same(0, 10, 20)
+    (outcome,) = same(5)
+    assert not settle_state(signal, looks, *same(900), outcome, settle_s=0.5, reaction_s=5.0)
+    assert settle_state(signal, looks, *same(5_006), outcome, settle_s=0.5, reaction_s=5.0)
+
+
+def test_quiet_counts_from_the_last_change_once_the_guest_reacted():
+    signal = np.array([100, 100, 120, 140, 140])
+    looks = same(0, 10, 1_000, 1_200, 1_300)
+    (outcome,) = same(5)
+    assert not settle_state(signal, looks, *same(1_600), outcome, 0.5, 5.0)
+    assert settle_state(signal, looks, *same(1_701), outcome, 0.5, 5.0)
+
+
+def test_without_an_expected_change_the_watch_ends_a_quiet_period_after_the_outcome():
+    signal = np.array([100, 100])
+    looks = same(0, 10)
+    (outcome,) = same(0)
+    assert not settle_state(signal, looks, *same(400), outcome, settle_s=0.5, reaction_s=0.0)
+    assert settle_state(signal, looks, *same(501), outcome, settle_s=0.5, reaction_s=0.0)
+
+
+def test_quiet_must_last_on_the_guests_clock_too():
+    """icount, busy guest: 2 s of host time after the last change were 100 ms of guest time,
+    not enough for a virtio-mem grow's second block to be added and onlined."""
+    signal = np.array([100, 100, 228])
+    looks = [Instant(0, 0), Instant(10 * MS, 1 * MS), Instant(500 * MS, 25 * MS)]
+    outcome = Instant(400 * MS, 20 * MS)
+    assert not settle_state(signal, looks, Instant(2_500 * MS, 125 * MS), outcome, 0.5, 5.0)
+    assert settle_state(signal, looks, Instant(11_000 * MS, 526 * MS), outcome, 0.5, 5.0)
+    # an idle guest's clock jumps ahead in icount mode: then the host's binds
+    assert not settle_state(signal, looks, Instant(900 * MS, 9_000 * MS), outcome, 0.5, 5.0)
+
+
+def test_first_change_is_against_the_baseline():
+    assert first_change_index(np.array([5, 5, 7, 5])) == 2
+    assert first_change_index(np.array([5, 5])) is None
+    assert first_change_index(np.array([], dtype=np.int64)) is None
+
+
+# -- how late a guest-visible stamp can be (issue 12, item 10) --------------------------------
+
+
+def sparse(rows):
+    """Sampler lines as an on-change observer sends them: (arrival, look, guest_ns,
+    prev_guest_ns, cause, totalram_kB)."""
+    return [Sample(a, k, g, (kb, 1, 0), p, c) for a, k, g, p, c, kb in rows]
+
+
+def test_the_bound_is_the_gap_between_looks_on_the_guest_clock_plus_a_round_trip():
+    # baseline look, then silence (looks that changed nothing are not sent), then the
+    # look after a memory-block uevent shows the new MemTotal.
+    samples = sparse(
+        [
+            (1_000 * MS, 1, 500 * MS, 500 * MS, 2, 1_000_000),
+            (1_480 * MS, 40, 980 * MS, 972 * MS, 1, 1_131_072),
+        ]
+    )
+    res = ResizeResult("virtio-mem", "sbm", "grow", 128 << 20, t_request_ns=1_010 * MS)
+    cal = Calibration(0.001, 0.003, 0.004, 20)
+    _guest_view(VirtioMem(), BASE_COLUMNS, samples, res, cal, timed=True)
+    assert res.guest_latency_s == pytest.approx(0.47)
+    assert res.guest_look_gap_s == pytest.approx(0.008)
+    assert res.guest_bound_s == pytest.approx(0.008 + 0.003) == late_bound(0.008, cal)
+    assert res.guest_bound_target_s == pytest.approx(0.005)
+    assert res.guest_reaction_s == pytest.approx(0.47)
+    assert res.guest_memtotal_delta_bytes == 131_072 * 1024
+
+
+def test_the_control_arm_reports_memtotal_but_no_guest_latency():
+    samples = sparse(
+        [
+            (1_000 * MS, 1, 500 * MS, 500 * MS, 2, 1_000_000),
+            (1_900 * MS, 2, 1_400 * MS, 1_400 * MS, 2, 1_131_072),
+        ]
+    )
+    res = ResizeResult("virtio-mem", "sbm", "grow", 128 << 20, t_request_ns=1_010 * MS)
+    _guest_view(VirtioMem(), BASE_COLUMNS, samples, res, None, timed=False)
+    assert res.guest_memtotal_delta_bytes == 131_072 * 1024
+    assert res.guest_latency_s is None and res.guest_bound_s is None
+
+
+def test_a_real_virtio_mem_shrink_under_stress_reads_back_as_recorded():
+    """Lines the guest sampler sent during a 512 MiB virtio-mem shrink beside stress 1500M
+    (TCG): only looks that changed something were sent, each with the look before."""
+    meta = json.loads((FIXTURES / "series-virtio-mem-stress-shrink.json").read_text())
+    s = np.load(FIXTURES / "series-virtio-mem-stress-shrink.npz")
+    columns = ("totalram_kb", "freeram_kb", "freeswap_kb")
+    samples = [
+        Sample(
+            int(a), int(k), int(g), tuple(int(s[f"guest_{c}"][i]) for c in columns), int(p), int(c)
+        )
+        for i, (a, k, g, p, c) in enumerate(
+            zip(
+                s["guest_t_ns"],
+                s["guest_look"],
+                s["guest_clock_ns"],
+                s["guest_prev_clock_ns"],
+                s["guest_cause"],
+                strict=True,
+            )
+        )
+    ]
+    assert meta["samples"] == len(samples) < meta["sampler_checks"]  # silence is not sent
+    res = ResizeResult("virtio-mem", "sbm", "shrink", meta["requested_bytes"])
+    res.t_request_ns = int(s["t_request_ns"])
+    cal = Calibration(meta["channel_rtt_median_s"], meta["channel_rtt_p95_s"], 0.05, 20)
+    _guest_view(VirtioMem(), BASE_COLUMNS, samples, res, cal, timed=True)
+    assert res.guest_latency_s == pytest.approx(meta["guest_latency_s"])
+    assert res.guest_look_gap_s == pytest.approx(meta["guest_look_gap_s"])
+    assert res.guest_bound_s == pytest.approx(meta["guest_bound_s"])
+    assert res.guest_reaction_s == pytest.approx(meta["guest_reaction_s"])
+    assert res.guest_memtotal_delta_bytes == meta["guest_memtotal_delta_bytes"] == -(512 << 20)
+    # one-sided: the completing look is after the look before it, both after the request
+    done = samples[-1]
+    assert done.prev_guest_ns < done.guest_ns

@@ -237,4 +237,4 @@ def test_new_scenario_keys_touch_no_progress_cpu_model_and_reproduces():
 
 def test_the_condition_defaults_the_cpu_model_by_accelerator():
     s = load_suite_text(GOOD, "t.toml").scenarios[0]
-    assert s.condition("tcg").cpu_model == "max" and s.condition("kvm").cpu_model == "host"
+    assert s.condition("tcg").cpu_model == "qemu64" and s.condition("kvm").cpu_model == "host"

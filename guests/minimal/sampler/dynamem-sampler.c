@@ -4,39 +4,68 @@
  * Why a static C program: under TCG a shell loop that forks `cat` 200 times a second
  * perturbs the very guest it measures. This reads /proc with open/read only, sends one
  * short line per sample over a virtio-serial port, and the host timestamps each line on
- * arrival. The host steers it with one-line commands on the same port:
+ * arrival. The host steers it with one-line commands on the same port.
  *
- *   interval <ns>             sample every <ns> nanoseconds (0 stops sampling)
+ * Why a schedule instead of a fixed rate: under TCG every wake-up of the guest costs about
+ * half a millisecond of emulated time, and every write to the port a virtqueue kick on top.
+ * A fixed 500 Hz cost 30% of a vCPU, competing with exactly the work being timed. So the
+ * interval between checks grows with the time since the schedule started (a completion
+ * seen t seconds after the request then carries an uncertainty that is a fixed share of t),
+ * a check sends a line only when something the host asked about changed, and hotplug of
+ * memory blocks wakes the sampler at once through the kernel's uevents.
+ *
+ *   schedule <floor_ns> <cap_ns> <ppm>
+ *                             check every clamp(ppm * elapsed / 1e6, floor, cap), elapsed
+ *                             since this command; the first check is at once and always
+ *                             sent (floor 0 stops checking)
+ *   full <floor_ns> <cap_ns> <ppm>
+ *                             a full record with the first check due on this schedule
+ *                             (same clock; floor 0: never)
+ *   budget <ppm>              never use more than this share of one CPU (ppm of the time
+ *                             since the schedule started; 0: no limit): a look waits until
+ *                             the CPU this sampler used since then is within the budget.
+ *                             What a look costs differs 100-fold between KVM and TCG, and
+ *                             again with a busy guest; the budget holds on all of them and
+ *                             the looks it affords set the resolution the host reports
+ *   onchange <0|1>            1: send a check only when totalram or a carried meminfo/vmstat
+ *                             field changed, or with a full record; 0: send every check
+ *   uevent <0|1>              1: a memory-block uevent (add, online, offline, remove) makes
+ *                             a check at once, or as soon as the budget affords one
  *   meminfo <key>...          /proc/meminfo fields carried in each sample (kB)
  *   vmstat <key>...           /proc/vmstat fields carried in each sample
  *   fmeminfo <key>...         /proc/meminfo fields of the full record (kB)
  *   fvmstat <key>...          /proc/vmstat fields of the full record
- *   every <n>                 send a full record with every n-th sample (0: never)
- *   batch <n>                 hold samples until n are pending (1: send each at once);
- *                             each write to the port costs a virtqueue kick, which under
- *                             TCG dominates the sampler's cost at low rates
- *   ping <token>              answered at once with "pong <token> <guest_ns>"
+ *   ping <token>              answered at once with
+ *                             "pong <token> <guest_ns> <last_check_ns> <checks>": a barrier
+ *                             that also says how far the sampler has looked
  *   snap <token> <path>...    whole files, framed as "f <token> <path> <bytes>\n<bytes>\n";
  *                             the path "memblocks" lists memory blocks, state, valid zones;
  *                             "kmsg" is the kernel log as /dev/kmsg records (no dmesg
  *                             process, so nothing new is allocated while a resize is measured)
- *   cpu <token>               "cpu <token> <ns>": CPU time this sampler has used, from
- *                             /proc/self/schedstat (exact, unlike tick-sampled utime)
+ *   cpu <token>               "cpu <token> <ns> <guest_ns>": CPU time this sampler has
+ *                             used, from /proc/self/schedstat (exact, unlike tick-sampled
+ *                             utime), and the guest's clock
  *
- * It sends "hello 1" at start; each sample is
- *   s <seq> <guest_monotonic_ns> <totalram_kB> <freeram_kB> <freeswap_kB> <meminfo...> <vmstat...>
- * and every n-th sample is followed by
- *   S <seq> <guest_monotonic_ns> <fmeminfo...> <fvmstat...>
- * Fast samples time a resize; full records (at a lower rate) show what it cost.
+ * It sends "hello 2" at start; each sent check is
+ *   s <check> <guest_ns> <prev_check_ns> <cause> <totalram_kB> <freeram_kB> <freeswap_kB>
+ *     <meminfo...> <vmstat...>
+ * (cause 0 timer, 1 uevent, 2 first check of a schedule, 3 the last, with a full record;
+ * prev_check_ns is the guest time of
+ * the check before, sent or not, so the host knows when the old value was last seen), and a
+ * check with a full record due is followed by
+ *   S <check> <guest_ns> <fmeminfo...> <fvmstat...>
+ * Checks time a resize; full records (at a lower rate) show what it cost.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/netlink.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/sysinfo.h>
 #include <time.h>
 #include <unistd.h>
@@ -54,19 +83,36 @@ struct keyset {
 	int line_of[MAX_KEYS]; /* cached line index of each key: /proc files keep their order */
 };
 
+/* Intervals clamp(ppm * elapsed / 1e6, floor, cap); floor 0 means off. */
+struct schedule {
+	long long floor_ns, cap_ns, ppm;
+	long long next; /* guest monotonic ns of the next due time */
+};
+
 static int port = -1;
-static long long interval_ns;
-static unsigned long long seq;
+static int uevents = -1; /* NETLINK_KOBJECT_UEVENT socket while "uevent 1" */
+static long long t0;	 /* start of the current schedule */
+static long long cpu0;	 /* this process's CPU time then */
+static long long budget_ppm;
+static int uevent_pending; /* a memory-block uevent the budget has not afforded a look for */
+static struct schedule checks, fulls;
+static int onchange;
+static unsigned long long nchecks;
+static long long last_check_ns;
+static unsigned long long last_sent[1 + MAX_KEYS * 2]; /* totalram + carried fields */
+static int have_sent;
 static struct keyset meminfo = { .path = "/proc/meminfo", .fd = -1 };
 static struct keyset vmstat = { .path = "/proc/vmstat", .fd = -1 };
 static struct keyset fmeminfo = { .path = "/proc/meminfo", .fd = -1 };
 static struct keyset fvmstat = { .path = "/proc/vmstat", .fd = -1 };
-static long every;
-static long batch = 1;
-static char outbuf[64 * 1024];
-static size_t outlen;
-static long pending;
 static char filebuf[BUF_SIZE];
+
+static long long cpu_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+	return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
 
 static long long now_ns(void)
 {
@@ -89,29 +135,9 @@ static void write_all(const char *buf, size_t len)
 	}
 }
 
-static void flush(void)
-{
-	if (outlen)
-		write_all(outbuf, outlen);
-	outlen = 0;
-	pending = 0;
-}
-
-/* Replies keep their place in the stream: anything batched goes out first. */
 static void send_all(const char *buf, size_t len)
 {
-	flush();
 	write_all(buf, len);
-}
-
-static void queue_sample(const char *buf, size_t len)
-{
-	if (outlen + len > sizeof outbuf)
-		flush();
-	memcpy(outbuf + outlen, buf, len);
-	outlen += len;
-	if (++pending >= batch)
-		flush();
 }
 
 static ssize_t read_file(int fd, const char *path, char *buf, size_t size)
@@ -191,32 +217,122 @@ static int append_values(char *line, int len, int size, const struct keyset *ks)
 	return len;
 }
 
-static void sample(void)
+static long long interval_at(const struct schedule *s, long long t)
+{
+	long long iv = (t - t0) / 1000 * s->ppm / 1000;
+	if (iv < s->floor_ns)
+		iv = s->floor_ns;
+	if (iv > s->cap_ns)
+		iv = s->cap_ns;
+	return iv;
+}
+
+/* When the CPU used since the schedule's first look fits the budget again. */
+static long long affordable(void)
+{
+	if (budget_ppm <= 0)
+		return 0;
+	return t0 + (cpu_ns() - cpu0) * 1000 / budget_ppm * 1000;
+}
+
+/* The next look: an interval after this one, and not before it is affordable. */
+static long long next_look(long long t)
+{
+	long long next = t + interval_at(&checks, t);
+	long long a = affordable();
+	return a > next ? a : next;
+}
+
+/* Did anything the host watches change since the last line sent? Also remembers it. */
+static int changed(unsigned long long totalram)
+{
+	unsigned long long now[1 + MAX_KEYS * 2];
+	int n = 0, diff;
+	now[n++] = totalram;
+	for (int i = 0; i < meminfo.n; i++)
+		now[n++] = meminfo.values[i];
+	for (int i = 0; i < vmstat.n; i++)
+		now[n++] = vmstat.values[i];
+	diff = !have_sent || memcmp(now, last_sent, n * sizeof now[0]) != 0;
+	memcpy(last_sent, now, n * sizeof now[0]);
+	have_sent = 1;
+	return diff;
+}
+
+/* One look at the guest's memory; sent when it changed, when asked to send every check, on
+ * a schedule's first check, and with every full record. */
+static void check(int cause, long long t)
 {
 	char line[8192];
 	struct sysinfo si;
-	long long t = now_ns();
-	int len;
+	long long prev = last_check_ns && cause != 2 ? last_check_ns : t;
+	int len, full;
 	sysinfo(&si);
 	read_keys(&meminfo);
 	read_keys(&vmstat);
+	nchecks++;
+	last_check_ns = t;
 	unsigned long long unit = si.mem_unit ? si.mem_unit : 1;
-	len = snprintf(line, sizeof line, "s %llu %lld %llu %llu %llu", seq++, t,
-		       (unsigned long long)si.totalram * unit / 1024,
-		       (unsigned long long)si.freeram * unit / 1024,
+	unsigned long long totalram = (unsigned long long)si.totalram * unit / 1024;
+	full = fulls.floor_ns > 0 && t >= fulls.next;
+	if (full)
+		fulls.next = t + interval_at(&fulls, t);
+	if (!changed(totalram) && onchange && !full && cause < 2)
+		return;
+	len = snprintf(line, sizeof line, "s %llu %lld %lld %d %llu %llu %llu", nchecks, t, prev,
+		       cause, totalram, (unsigned long long)si.freeram * unit / 1024,
 		       (unsigned long long)si.freeswap * unit / 1024);
 	len = append_values(line, len, sizeof line, &meminfo);
 	len = append_values(line, len, sizeof line, &vmstat);
 	line[len++] = '\n';
-	if (every > 0 && seq % every == 1 % every) {
+	if (full) {
 		read_keys(&fmeminfo);
 		read_keys(&fvmstat);
-		len += snprintf(line + len, sizeof line - len, "S %llu %lld", seq - 1, t);
+		len += snprintf(line + len, sizeof line - len, "S %llu %lld", nchecks, t);
 		len = append_values(line, len, sizeof line, &fmeminfo);
 		len = append_values(line, len, sizeof line, &fvmstat);
 		line[len++] = '\n';
 	}
-	queue_sample(line, (size_t)len);
+	send_all(line, (size_t)len);
+}
+
+/* Memory blocks announce add, online, offline and remove; nothing else wakes the sampler. */
+static void open_uevents(void)
+{
+	struct sockaddr_nl addr = { .nl_family = AF_NETLINK, .nl_groups = 1 };
+	if (uevents >= 0)
+		return;
+	uevents = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK,
+			 NETLINK_KOBJECT_UEVENT);
+	if (uevents >= 0 && bind(uevents, (struct sockaddr *)&addr, sizeof addr) < 0) {
+		close(uevents);
+		uevents = -1;
+	}
+}
+
+/* Drain pending uevents; true if one was about a memory block. */
+static int memory_uevent(void)
+{
+	char msg[4096];
+	int memory = 0;
+	ssize_t n;
+	while ((n = recv(uevents, msg, sizeof msg - 1, 0)) > 0) {
+		msg[n] = 0;
+		for (char *p = msg; p < msg + n; p += strlen(p) + 1)
+			if (strcmp(p, "SUBSYSTEM=memory") == 0)
+				memory = 1;
+	}
+	return memory;
+}
+
+static void set_schedule(struct schedule *s, char *args)
+{
+	long long floor_ns = 0, cap_ns = 0, ppm = 0;
+	sscanf(args, "%lld %lld %lld", &floor_ns, &cap_ns, &ppm);
+	s->floor_ns = floor_ns > 0 ? floor_ns : 0;
+	s->cap_ns = cap_ns > s->floor_ns ? cap_ns : s->floor_ns;
+	s->ppm = ppm > 0 ? ppm : 0;
+	s->next = now_ns();
 }
 
 static void set_keys(struct keyset *ks, char *args)
@@ -299,9 +415,35 @@ static void command(char *cmd)
 		*args++ = 0;
 	else
 		args = cmd + strlen(cmd);
-	if (strcmp(cmd, "interval") == 0) {
-		flush();
-		interval_ns = atoll(args);
+	if (strcmp(cmd, "schedule") == 0) {
+		if (checks.floor_ns > 0 && fulls.floor_ns > 0 && atoll(args) <= 0) {
+			/* a schedule ends with a full record of the final state, for the figures */
+			fulls.next = 0;
+			check(3, now_ns());
+		}
+		set_schedule(&checks, args);
+		t0 = checks.next;
+		cpu0 = cpu_ns();
+		uevent_pending = 0;
+		fulls.next = t0;
+		if (checks.floor_ns > 0) {
+			check(2, t0);
+			cpu0 = cpu_ns(); /* the baseline, before the request, is not charged */
+			checks.next = next_look(t0);
+		}
+	} else if (strcmp(cmd, "full") == 0) {
+		set_schedule(&fulls, args);
+	} else if (strcmp(cmd, "budget") == 0) {
+		budget_ppm = atoll(args) > 0 ? atoll(args) : 0;
+	} else if (strcmp(cmd, "onchange") == 0) {
+		onchange = atoi(args);
+	} else if (strcmp(cmd, "uevent") == 0) {
+		if (atoi(args)) {
+			open_uevents();
+		} else if (uevents >= 0) {
+			close(uevents);
+			uevents = -1;
+		}
 	} else if (strcmp(cmd, "meminfo") == 0) {
 		set_keys(&meminfo, args);
 	} else if (strcmp(cmd, "vmstat") == 0) {
@@ -310,18 +452,15 @@ static void command(char *cmd)
 		set_keys(&fmeminfo, args);
 	} else if (strcmp(cmd, "fvmstat") == 0) {
 		set_keys(&fvmstat, args);
-	} else if (strcmp(cmd, "every") == 0) {
-		every = atol(args);
-	} else if (strcmp(cmd, "batch") == 0) {
-		flush();
-		batch = atol(args) > 0 ? atol(args) : 1;
 	} else if (strcmp(cmd, "ping") == 0) {
-		int n = snprintf(out, sizeof out, "pong %s %lld\n", args, now_ns());
+		int n = snprintf(out, sizeof out, "pong %s %lld %lld %llu\n", args, now_ns(),
+				 last_check_ns, nchecks);
 		send_all(out, (size_t)n);
 	} else if (strcmp(cmd, "cpu") == 0) {
 		char stat[128] = "";
 		read_file(-1, "/proc/self/schedstat", stat, sizeof stat);
-		int n = snprintf(out, sizeof out, "cpu %s %llu\n", args, strtoull(stat, NULL, 10));
+		int n = snprintf(out, sizeof out, "cpu %s %llu %lld\n", args, strtoull(stat, NULL, 10),
+				 now_ns());
 		send_all(out, (size_t)n);
 	} else if (strcmp(cmd, "snap") == 0) {
 		char *save = NULL, *token = strtok_r(args, " ", &save), *path;
@@ -354,7 +493,6 @@ int main(int argc, char **argv)
 {
 	static char inbuf[8192];
 	size_t inlen = 0;
-	long long next = 0;
 	if (argc != 2) {
 		fprintf(stderr, "usage: %s /dev/vportNpM\n", argv[0]);
 		return 2;
@@ -367,7 +505,6 @@ int main(int argc, char **argv)
 	/* Touch every buffer now, at boot: pages first touched later could land in memory that
 	 * is hotplugged afterwards and would then have to be migrated when it is unplugged. */
 	memset(filebuf, 0, sizeof filebuf);
-	memset(outbuf, 0, sizeof outbuf);
 	memset(inbuf, 0, sizeof inbuf);
 	prefault_stack();
 	{
@@ -379,46 +516,54 @@ int main(int argc, char **argv)
 		if (n > 0)
 			free(list);
 	}
-	send_all("hello 1\n", 8);
+	send_all("hello 2\n", 8);
+	/* Under TCG the guest's clocksource is usually the emulated HPET (the TSC is marked
+	 * unstable), so every clock read is a system call and an emulated MMIO access: one per
+	 * wake-up, reused for the look and for the next timeout. */
+	long long t = now_ns();
 	for (;;) {
-		struct pollfd pfd = { port, POLLIN, 0 };
+		struct pollfd pfd[2] = { { port, POLLIN, 0 }, { uevents, POLLIN, 0 } };
 		struct timespec ts, *tsp = NULL;
-		long long t = now_ns();
-		if (interval_ns > 0) {
-			long long wait = next - t;
+		if (checks.floor_ns > 0) {
+			long long wait = checks.next - t;
 			if (wait < 0)
 				wait = 0;
 			ts.tv_sec = wait / 1000000000LL;
 			ts.tv_nsec = wait % 1000000000LL;
 			tsp = &ts;
 		}
-		int r = ppoll(&pfd, 1, tsp, NULL);
-		if (r > 0 && (pfd.revents & POLLIN)) {
+		int r = ppoll(pfd, uevents >= 0 ? 2 : 1, tsp, NULL);
+		t = now_ns();
+		if (r > 0 && (pfd[0].revents & POLLIN)) {
 			ssize_t n = read(port, inbuf + inlen, sizeof inbuf - 1 - inlen);
 			if (n > 0) {
 				char *nl;
 				inlen += (size_t)n;
 				inbuf[inlen] = 0;
 				while ((nl = memchr(inbuf, '\n', inlen))) {
-					long long before = interval_ns;
 					*nl = 0;
 					command(inbuf);
-					if (interval_ns != before)
-						next = now_ns(); /* new rate: first sample now */
 					inlen -= (size_t)(nl + 1 - inbuf);
 					memmove(inbuf, nl + 1, inlen);
 				}
 				if (inlen == sizeof inbuf - 1)
 					inlen = 0; /* overlong garbage: drop */
+				t = now_ns();
 			}
-		} else if (r > 0 && (pfd.revents & (POLLHUP | POLLERR))) {
+		} else if (r > 0 && (pfd[0].revents & (POLLHUP | POLLERR))) {
 			usleep(10000); /* host not connected: do not spin */
 		}
-		if (interval_ns > 0 && now_ns() >= next) {
-			sample();
-			next += interval_ns;
-			if (next < now_ns())
-				next = now_ns() + interval_ns; /* fell behind: skip, do not burst */
+		if (r > 0 && uevents >= 0 && (pfd[1].revents & POLLIN) && memory_uevent())
+			uevent_pending = checks.floor_ns > 0;
+		if (uevent_pending) { /* brings the next look forward, to when it is affordable */
+			long long a = affordable();
+			if (a < checks.next)
+				checks.next = a > t ? a : t;
+		}
+		if (checks.floor_ns > 0 && t >= checks.next) {
+			check(uevent_pending ? 1 : 0, t);
+			uevent_pending = 0;
+			checks.next = next_look(t); /* no bursts, within the budget */
 		}
 	}
 }

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dynamem.observer import Backoff
 from dynamem.probes.guestmem import Buddy, parse_buddyinfo
 
 
@@ -56,10 +57,13 @@ def snapshot(pid: int) -> HostSnapshot:
 
 @dataclass
 class HostSampler:
-    """Samples QEMU's VmRSS/RssAnon and the host's MemAvailable at a fixed rate."""
+    """Samples QEMU's VmRSS/RssAnon and the host's MemAvailable, at a fixed rate or on a
+    back-off from when it started (on a 2-core host every wake-up of this thread is taken
+    from the vCPU threads)."""
 
     pid: int
     interval_s: float = 0.02
+    backoff: Backoff | None = None
     t_ns: list[int] = field(default_factory=list)
     rss_kb: list[int] = field(default_factory=list)
     rss_anon_kb: list[int] = field(default_factory=list)
@@ -89,9 +93,11 @@ class HostSampler:
         self.mem_available_kb.append(mem.get("MemAvailable", 0))
 
     def _run(self) -> None:
+        start = time.monotonic()
         while not self._stop.is_set():
             self.sample()
-            self._stop.wait(self.interval_s)
+            elapsed = time.monotonic() - start
+            self._stop.wait(self.backoff.interval(elapsed) if self.backoff else self.interval_s)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {
