@@ -166,6 +166,13 @@ METRICS: dict[str, Metric] = {
                _workload("longest_stall_ms"), 5),
         Metric("workload_slowdown", "workload slowdown during the resize", "x", "lower",
                _workload("slowdown"), 0.05),
+        # What watching cost: the in-guest sampler's CPU from the request to the host-side
+        # outcome (the work the resize competed with), and how late the guest-visible
+        # completion may be stamped.
+        Metric("sampler_request_share", "sampler CPU during the request, share of a vCPU",
+               "share", "lower", lambda c, s: s.sampler_request_share, 0.005),
+        Metric("guest_bound_s", "guest-visible completion stamped late by at most", "s",
+               "lower", lambda c, s: s.guest_bound_s, 0.002),
     ]
 }  # fmt: skip
 

@@ -23,7 +23,7 @@ from dynamem.record import CellRecord, FreeStep, OomStep, RebootStep
 from dynamem.store import RunStore
 
 from . import figures as F
-from .metrics import METRICS, MiB, outcome_counts, resize_steps, tidy, usable
+from .metrics import CONDITION_COLUMNS, METRICS, MiB, outcome_counts, resize_steps, tidy, usable
 from .stats import cliffs_delta, group_stats, hodges_lehmann, holm, mad_outliers, mann_whitney_p
 
 ALPHA = 0.05
@@ -630,6 +630,85 @@ def _published(rep: Report) -> None:
 # -- appendix ---------------------------------------------------------------------------------
 
 
+def _observer_cost(rep: Report, mechs: list[str]) -> None:
+    """What watching cost, from every run: the sampler's CPU while the request was in
+    flight and the bound on the guest-visible stamp; with a control arm (`control_arm`,
+    the same condition watched by the minimal observer) also its effect on host latency."""
+    good, t = rep.good, rep.table
+    rep.add(
+        "## What watching cost",
+        "",
+        "The in-guest sampler's CPU from the request to the host-side outcome, as a share of "
+        f"one vCPU (what the resize competed with), and how late the guest-visible completion "
+        f"may be stamped; {INTERVAL}.",
+        "",
+    )
+    shares = _shares(t, ["condition", "step_index", "step", "mechanism"])
+    rows = []
+    keys = ["condition", "step_index", "step", "mechanism"]
+    part = good[good.metric.isin(["sampler_request_share", "guest_bound_s"])]
+    for (cond, k, step, mech), g in part.groupby(keys, sort=False):
+        share = g[g.metric == "sampler_request_share"]["value"].to_numpy(float)
+        bound = g[g.metric == "guest_bound_s"]["value"].to_numpy(float)
+        ok, n = shares.get((cond, k, step, mech), (0, 0))
+        observer = t[t.condition == cond].observer.iloc[0]
+        rows.append([rep.cid(str(cond)), observer, str(mech), str(step),
+                     median_interval(share, "share"), fmt(float(np.median(bound)), "s")
+                     if len(bound) else "-", f"{ok}/{n}"])  # fmt: skip
+    if rows:
+        rep.add(*md_table(["condition", "observer", "mechanism", "step",
+                           "sampler CPU during the request", "stamp late by at most (median)",
+                           "ok"], rows))  # fmt: skip
+    else:
+        rep.add("No resize in this run recorded the sampler's CPU (results format 1 did not).", "")
+    rep.add(*_control_arm(rep))
+
+
+def _control_arm(rep: Report) -> list[str]:
+    """Host-side latency watched as usual over the same condition watched minimally: the
+    ratio of medians and the Hodges-Lehmann ratio (on logs) with its exact interval."""
+    good = rep.good
+    lat = good[good.metric == "latency_host_s"].copy()
+    if "minimal" not in set(lat.observer) or len(set(lat.observer)) < 2:
+        return [
+            "This run has no control arm, so the observer's effect on latency is not "
+            "measured here; `dynamem run --control-arm` interleaves a twin of every scenario "
+            "watched by the minimal observer (no guest-visible latency) and the report then "
+            "puts the ratio here.",
+            "",
+        ]
+    # The condition without its observer: the pairing key of an arm and its control.
+    lat["pair"] = (
+        lat[[c for c in CONDITION_COLUMNS if c != "observer"]].astype(str).agg(" | ".join, axis=1)
+    )
+    rows = []
+    for (_, _, step, mech), g in lat.groupby(["pair", "step_index", "step", "mechanism"]):
+        control = g[g.observer == "minimal"]["value"].to_numpy(float)
+        for observer, arm in g[g.observer != "minimal"].groupby("observer"):
+            watched = arm["value"].to_numpy(float)
+            if len(control) < 2 or len(watched) < 2:
+                continue
+            shift, lo, hi, level = hodges_lehmann(np.log(watched), np.log(control))
+            ratio = float(np.median(watched) / np.median(control))
+            rows.append([
+                rep.cid(str(arm.condition.iloc[0])), str(mech), str(step), str(observer),
+                f"{len(watched)} / {len(control)}", f"{ratio:.2f}",
+                f"{np.exp(shift):.2f} [{np.exp(lo):.2f}, {np.exp(hi):.2f}] {level:.0%}",
+                f"{mann_whitney_p(watched, control):.3g}",
+            ])  # fmt: skip
+    if not rows:
+        return ["The control arm has fewer than two ok resizes per step: no ratio.", ""]
+    return [
+        "Host-side latency watched by the observer over the same condition watched by the "
+        "minimal control arm (interleaved cells): ratio of medians, and the Hodges-Lehmann "
+        "ratio with its exact interval and real level. 1.00 means watching did not slow the "
+        "resize; an interval that excludes 1 means it did.",
+        "",
+        *md_table(["condition", "mechanism", "step", "observer", "n (arm / control)",
+                   "ratio of medians", "HL ratio [interval] level", "Mann-Whitney p"], rows),
+    ]  # fmt: skip
+
+
 def _appendix(rep: Report) -> None:
     good = rep.good
     rep.add("## Appendix: every metric", "")
@@ -690,6 +769,7 @@ def build_report(store: RunStore, out: Path) -> tuple[Path, Path]:
         _q_other_steps(rep)
         _q_kernel_and_workload(rep)
         _published(rep)
+        _observer_cost(rep, mechs)
         _appendix(rep)
     md_path = out / "report.md"
     md_path.write_text("\n".join(rep.lines) + "\n")

@@ -146,7 +146,7 @@ def cmd_vm_exec(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from dynamem import runner
-    from dynamem.scenario import load_suite, with_repeats
+    from dynamem.scenario import load_suite, with_control_arm, with_repeats
     from dynamem.store import RunStore
 
     if args.resume:
@@ -160,6 +160,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not args.suite:
             raise UserError("run: give --suite NAME|FILE or --resume RUN_DIR")
         suite = load_suite(args.suite)
+        if args.control_arm:
+            suite = with_control_arm(suite)
         if args.repeats:
             suite = with_repeats(suite, args.repeats)
         seed = suite.seed if args.seed is None else args.seed
@@ -559,7 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do the step and its reverse once, unmeasured, before the measured step",
     )
-    p.add_argument("--cpu-model", help="QEMU -cpu model (default: host under KVM, max under TCG)")
+    p.add_argument(
+        "--cpu-model", help="QEMU -cpu model (default: host under KVM, qemu64 under TCG)"
+    )
     p.set_defaults(func=cmd_resize)
 
     p = sub.add_parser("run", help="run a suite of scenarios into a raw results directory")
@@ -569,6 +573,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the cells and an estimate")
     p.add_argument("--seed", type=int, help="order seed (default: the suite's)")
     p.add_argument("--repeats", type=_positive_int, help="override every scenario's repeats")
+    p.add_argument(
+        "--control-arm",
+        action="store_true",
+        help="interleave each scenario's twin watched by the minimal observer, so the report "
+        "measures what watching costs (doubles the cells)",
+    )
     p.add_argument(
         "--no-report",
         action="store_true",

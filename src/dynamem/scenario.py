@@ -65,7 +65,11 @@ HIDDEN_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "inject": (str, "a fault to inject, e.g. qemu-kill@step0"),
     "inject_repeats": (list, "the repeats the fault is injected into (default: every one)"),
 }
-SUITE_KEYS = {"name", "description", "repeats", "seed", "defaults", "scenario"}
+SUITE_KEYS = {"name", "description", "repeats", "seed", "defaults", "scenario", "control_arm"}
+# The control arm's twin of a scenario: the same condition, watched without guest-visible
+# latency (dynamem.observer "minimal"), so the report can put the observer's cost on the
+# host-side latency with an interval.
+CONTROL = "minimal"
 # Names become file and directory names (cells/<name>-r1.json, results/raw/<stamp>-<name>).
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # A kernel argument is one word of the guest's command line: no spaces, quotes or controls.
@@ -387,17 +391,24 @@ def load_suite_text(text: str, source: str) -> Suite:
             f"{source}: suite name {data['name']!r} must be 1-64 letters, digits, '.', '_' "
             "or '-' (it names the run directory)"
         )
+    control = data.get("control_arm", False)
+    if not isinstance(control, bool):
+        raise UserError(f"{source}: control_arm must be true or false")
     scenarios = []
     names = set()
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise UserError(f"{source}: scenario {i + 1} must be a table")
         merged = {"repeats": repeats, **defaults, **entry}
-        scenario = build_scenario(merged, f"{source}: scenario {i + 1}")
-        if scenario.name in names:
-            raise UserError(f"{source}: two scenarios are named {scenario.name!r}")
-        names.add(scenario.name)
-        scenarios.append(scenario)
+        built = [build_scenario(merged, f"{source}: scenario {i + 1}")]
+        if control and built[0].observer != CONTROL:
+            twin = {**merged, "name": f"{built[0].name}-{CONTROL}", "observer": CONTROL}
+            built.append(build_scenario(twin, f"{source}: scenario {i + 1}'s control arm"))
+        for scenario in built:
+            if scenario.name in names:
+                raise UserError(f"{source}: two scenarios are named {scenario.name!r}")
+            names.add(scenario.name)
+            scenarios.append(scenario)
     return Suite(
         name=str(data.get("name", Path(source).stem)),
         description=str(data.get("description", "")),
@@ -423,6 +434,17 @@ def load_suite(name_or_path: str) -> Suite:
         known = ", ".join(sorted(p.stem for p in suites_dir().glob("*.toml")))
         raise UserError(f"no suite {name_or_path!r} (built in: {known}; or give a .toml file)")
     return load_suite_text(path.read_text(), str(path))
+
+
+def with_control_arm(suite: Suite) -> Suite:
+    """The suite with `control_arm = true`: its text says so too, so a resumed run (which
+    re-reads the stored text) plans the same cells."""
+    line = re.compile(r"^control_arm\s*=.*$", re.MULTILINE)
+    if line.search(suite.source):
+        text = line.sub("control_arm = true", suite.source)
+    else:
+        text = "control_arm = true\n" + suite.source
+    return load_suite_text(text, suite.name)
 
 
 def with_repeats(suite: Suite, repeats: int) -> Suite:

@@ -262,3 +262,22 @@ def test_a_change_where_either_direction_matters_is_compared_and_fails():
     table, missing = compare_tables(tidy(a), tidy(b))
     row = table[(table.metric == "memtotal_error_mib") & (table.step == "shrink 256M")].iloc[0]
     assert row.verdict == "changed" and regressed(table, missing)
+
+
+def test_report_states_the_observer_cost_and_the_control_arms_ratio(tmp_path):
+    """Arm: shrinks 1.2x slower than its minimal control and a sampler share of 3%;
+    the report gives both, the ratio with its interval, and no ratio without a control."""
+    arm = run_of([1.2 * x for x in BASE], scenario="s")
+    control = run_of(BASE, scenario="s-minimal", cond=condition(observer="minimal"))
+    for c in arm:
+        for s in c.steps:
+            s.sampler_request_share, s.guest_bound_s = 0.03, 0.02
+    md = build_report(write_run(tmp_path, [*arm, *control]), tmp_path / "out")[0].read_text()
+    section = md[md.index("## What watching cost") :]
+    assert "| adaptive | balloon | shrink 256M | 3% [3%, 3%] 94% | 20 ms | 5/5 |" in section
+    ratio = next(x for x in section.splitlines() if "| balloon | shrink 256M | adaptive" in x)
+    assert "| adaptive | 5 / 5 | 1.20 | 1.20 [" in ratio
+    lo = float(ratio.split("[")[1].split(",")[0])
+    assert lo > 1.0  # every watched shrink was slower: the interval excludes 1
+    alone = build_report(write_run(tmp_path, arm, "alone"), tmp_path / "out2")[0].read_text()
+    assert "has no control arm" in alone and "ratio of medians" not in alone

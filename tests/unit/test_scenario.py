@@ -238,3 +238,32 @@ def test_new_scenario_keys_touch_no_progress_cpu_model_and_reproduces():
 def test_the_condition_defaults_the_cpu_model_by_accelerator():
     s = load_suite_text(GOOD, "t.toml").scenarios[0]
     assert s.condition("tcg").cpu_model == "qemu64" and s.condition("kvm").cpu_model == "host"
+
+
+def test_the_control_arm_twins_every_scenario_and_survives_a_resume():
+    from dynamem.runner import suite_of
+    from dynamem.scenario import with_control_arm
+
+    suite = with_control_arm(load_suite_text(GOOD, "t.toml"))
+    names = {s.name: s.observer for s in suite.scenarios}
+    assert names == {"a": "adaptive", "a-minimal": "minimal", "b": "adaptive",
+                     "b-minimal": "minimal"}  # fmt: skip
+    twin = next(s for s in suite.scenarios if s.name == "b-minimal")
+    plain = next(s for s in suite.scenarios if s.name == "b")
+    assert twin.condition("tcg").describe().replace("observer minimal", "observer adaptive") == (
+        plain.condition("tcg").describe()
+    )
+    order = [c.id for c in cells_in_order(suite, 7)]
+    assert len(order) == 8
+    # The arm and its control are shuffled together, not run as two blocks.
+    first_half = {i.rsplit("-r", 1)[0].endswith("-minimal") for i in order[:4]}
+    assert first_half == {True, False}
+
+    from dataclasses import replace
+
+    from .records import run_record
+
+    stored = replace(run_record(order, toml=suite.source), seed=7)
+    assert [s.name for s in suite_of(stored).scenarios] == [s.name for s in suite.scenarios]
+    with pytest.raises(UserError, match="control_arm must be true or false"):
+        load_suite_text('control_arm = "yes"\n' + GOOD, "t.toml")
