@@ -76,7 +76,7 @@ class Observer:
 # a vCPU (a point below the 5% the harness promises, for the pings and commands around a
 # resize). Where a wake-up is cheap (KVM; TCG in icount mode, where a look is about 7,000
 # guest instructions) the schedule rules; under wall-clock TCG a wake-up costs the guest
-# 0.65 ms idle and about 2.5 ms beside a busy workload (`dynamem bench sampler`), so the
+# 0.65 ms idle and about 2.5 ms beside a busy workload (`dynamem selfbench sampler`), so the
 # budget spaces the looks 16-60 ms apart until 1% of the elapsed time is more. Full
 # records, for the time-series figures, from every 100 ms to every second.
 ADAPTIVE = Observer(

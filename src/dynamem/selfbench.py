@@ -351,7 +351,7 @@ def _verdict(r: Ratio) -> str:
 
 
 def resize_lines(b: ResizeBench) -> list[str]:
-    """What `dynamem bench resize` prints for one mechanism (medians, paired ratios)."""
+    """What `dynamem selfbench resize` prints for one mechanism (medians, paired ratios)."""
 
     def ms(xs: list[float]) -> str:
         return f"{statistics.median(xs) * 1000:.1f} ms" if xs else "-"

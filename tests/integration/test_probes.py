@@ -66,19 +66,19 @@ def test_virtio_mem_shrink_migrates_under_stress_and_not_when_idle(image, run_ba
             assert resize(vm, mech, delta).outcome == "ok"
         idle = resize(vm, mech, -step)
         assert idle.outcome == "ok"
-        assert idle.figures["guest"]["pages_migrated"] == 0
+        assert idle.cost.guest is not None and idle.cost.guest.pages_migrated == 0
         assert resize(vm, mech, step).outcome == "ok"
         stress = Stress(int(0.6 * 2 * GiB))
         stress.start(vm)
         busy = resize(vm, mech, -step)
         stress.stop(vm)
         assert busy.outcome == "ok", busy.message
-        g = busy.figures["guest"]
-        assert g["pages_migrated"] > 0
-        assert g["oom_kills"] == 0
+        g = busy.cost.guest
+        assert g is not None and g.pages_migrated > 0
+        assert g.oom_kills == 0
         # the migration shows in the time series too (sampled inside the figure's window)
         series = busy.series["full_pgmigrate_success"]
-        assert 0 < series[-1] - series[0] <= g["pages_migrated"]
+        assert 0 < series[-1] - series[0] <= g.pages_migrated
 
 
 @pytest.mark.parametrize(
@@ -95,20 +95,21 @@ def test_host_gets_touched_memory_back_and_watermarks_are_measured(image, run_ba
         touch_and_free(vm, int(0.75 * 2 * GiB))
         r = resize(vm, mech, -step)
         assert r.outcome == "ok", r.message
-        host = r.figures["host"]
-        assert host["rss_reclaimed_bytes"] >= 0.9 * step, host
-        assert host["rss_settle_s"] is not None
-        marks = r.figures["guest"]["watermarks"]
+        host, guest = r.cost.host, r.cost.guest
+        assert host is not None and guest is not None
+        assert host.rss_reclaimed_bytes >= 0.9 * step, host
+        assert host.rss_settle_s is not None
+        marks = guest.watermarks
         dma32 = marks["Node0/DMA32"]
         if mech.name == "balloon":
             # Inflating adjusts managed pages only; min/low/high are not recomputed.
-            assert dma32["managed"][1] < dma32["managed"][0]
-            assert not any(r.figures["guest"]["watermarks_moved"].values())
+            assert dma32.managed[1] < dma32.managed[0]
+            assert not any(guest.watermarks_moved.values())
         else:
             # Offlining whole blocks recomputes every zone's watermarks.
-            assert marks["Node0/Movable"]["managed"] == [step // 4096, 0]
-            assert dma32["min"][1] != dma32["min"][0]
-            assert r.figures["guest"]["watermarks_moved"]["Node0/DMA32"]
+            assert list(marks["Node0/Movable"].managed) == [step // 4096, 0]
+            assert dma32.min[1] != dma32.min[0]
+            assert guest.watermarks_moved["Node0/DMA32"]
         assert len(r.series["host_rss_kb"]) > 10
         # full records back off with time: the figures get the state before the request,
         # during the change and after it settled
