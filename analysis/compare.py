@@ -13,7 +13,10 @@ Three kinds of finding, each enough to fail the comparison:
   (page counts, RSS reclaimed, index changes): the difference of means B - A with a Welch
   t interval. Holm's correction runs over every test; a metric counts as changed only when
   significant after correction and moved by more than the noise threshold and the
-  metric's own resolution. (Rank tests cannot serve here: five against five never goes
+  metric's own resolution. The noise threshold is 10% by default; for deterministic
+  (tcg-icount) runs it is derived from the runs' own repeat-to-repeat spread
+  (`spread_noise`), because there a 2% change is real and a fixed 10% would hide it.
+  (Rank tests cannot serve here: five against five never goes
   below p = 0.0079, which Holm's correction over a suite's dozens of tests never lets
   through.)
 """
@@ -60,7 +63,30 @@ def check_comparable(diffs: list[str], run_a: str, run_b: str, allow_mixed: bool
 @dataclass(frozen=True)
 class Thresholds:
     alpha: float = 0.05
-    noise: float = 0.10  # a change smaller than this share is never a verdict
+    # A change smaller than this share is never a verdict. None: derived per metric from the
+    # runs' own spread (`spread_noise`), what a deterministic (tcg-icount) run uses.
+    noise: float | None = 0.10
+
+
+NOISE_SPREADS = 2.0  # a derived threshold: this many robust spreads of the noisier run
+
+
+def robust_spread(values: np.ndarray) -> float:
+    """1.4826 x the median absolute deviation: the standard deviation of normal data,
+    unmoved by one wild repeat."""
+    return float(1.4826 * np.median(np.abs(values - np.median(values))))
+
+
+def spread_noise(a: np.ndarray, b: np.ndarray, relative: bool) -> float:
+    """The derived noise threshold: NOISE_SPREADS robust spreads of the noisier run, as a
+    share of its median (ratios) or in the metric's unit (differences). Under tcg-icount
+    repeats differ by well under 1%, so this detects changes a fixed 10% would hide."""
+    spreads = []
+    for v in (a, b):
+        s = robust_spread(v)
+        med = abs(float(np.median(v)))
+        spreads.append((s / med if med else np.inf) if relative else s)
+    return NOISE_SPREADS * max(spreads)
 
 
 def log_ratio_test(a: np.ndarray, b: np.ndarray, confidence: float) -> tuple[float, ...]:
@@ -99,11 +125,13 @@ def _metric_row(
     elif np.all(va > 0) and np.all(vb > 0):
         row["method"] = "ratio"
         row["ratio"], row["ci_low"], row["ci_high"], row["p"] = log_ratio_test(va, vb, confidence)
+        row["spread_noise"] = spread_noise(va, vb, relative=True)
     else:
         row["method"] = "difference"
         row["difference"], row["ci_low"], row["ci_high"], row["p"] = difference_test(
             va, vb, confidence
         )
+        row["spread_noise"] = spread_noise(va, vb, relative=False)
     return row
 
 
@@ -152,7 +180,17 @@ def compare_tables(
         if "verdict" not in row:
             row["verdict"] = _verdict(row, thresholds)
     table = pd.DataFrame(rows)
-    for col in ("method", "ratio", "difference", "ci_low", "ci_high", "p", "p_holm", "note"):
+    for col in (
+        "method",
+        "ratio",
+        "difference",
+        "ci_low",
+        "ci_high",
+        "p",
+        "p_holm",
+        "spread_noise",
+        "note",
+    ):
         if col not in table:
             table[col] = np.nan if col != "note" else ""
     if not table.empty:
@@ -164,12 +202,14 @@ def _verdict(row: dict[str, Any], t: Thresholds) -> str:
     p = row.get("p_holm")
     if p is None or not np.isfinite(p):
         return "not compared"
+    derived = row["spread_noise"]
     if row["method"] == "ratio":
-        big = abs(np.log(row["ratio"])) > np.log1p(t.noise)
+        big = abs(np.log(row["ratio"])) > np.log1p(t.noise if t.noise is not None else derived)
         up = row["ratio"] > 1
         size = abs(row["median_b"] - row["median_a"])
     else:
-        big = abs(row["difference"]) > t.noise * abs(row["median_a"])
+        limit = t.noise * abs(row["median_a"]) if t.noise is not None else derived
+        big = abs(row["difference"]) > limit
         up = row["difference"] > 0
         size = abs(row["difference"])
     if p >= t.alpha or not big or size < METRICS[row["metric"]].resolution:

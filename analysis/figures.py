@@ -57,7 +57,7 @@ def _style() -> None:
 
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")  # keeps a legend below the panels
     plt.close(fig)
     return path
 
@@ -91,8 +91,10 @@ def _level_note(s: pd.DataFrame) -> str:
     return "interval levels " + ", ".join(f"{x}%" for x in levels) if levels else "n = 1"
 
 
-def latency_vs_size(t: pd.DataFrame, path: Path, shares: Shares | None = None) -> Path | None:
-    data = t[t.metric == "latency_guest_s"]
+def latency_vs_size(
+    t: pd.DataFrame, path: Path, shares: Shares | None = None, metric: str = "latency_guest_s"
+) -> Path | None:
+    data = t[t.metric == metric]
     if data.empty:
         return None
     _style()
@@ -121,7 +123,11 @@ def latency_vs_size(t: pd.DataFrame, path: Path, shares: Shares | None = None) -
                 )
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_title(f"{direction}: request to guest-visible completion")
+        ax.set_title(
+            f"{direction}: guest-side duration, guest clock"
+            if metric == "latency_guest_clock_s"
+            else f"{direction}: request to guest-visible completion"
+        )
         ax.set_xlabel("size of the step (MiB, log)")
         ax.set_ylabel(f"latency (s, log); median and interval\n({_level_note(part)})")
         sizes = sorted(set(part.size_mib))
@@ -130,7 +136,10 @@ def latency_vs_size(t: pd.DataFrame, path: Path, shares: Shares | None = None) -
         ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
         ax.set_xlim(min(sizes) / 1.5, max(sizes) * 1.5)
-    axes[-1].legend(fontsize=8, loc="best")
+    # One legend below the panels: inside one it hid points (a stress grow behind it).
+    handles, labels = axes[-1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="upper center", ncol=min(3, len(labels)),
+               bbox_to_anchor=(0.5, 0.0), frameon=False)  # fmt: skip
     return _save(fig, path)
 
 

@@ -133,6 +133,8 @@ METRICS: dict[str, Metric] = {
                lambda c, s: s.host_latency_s, 0.002),
         Metric("latency_guest_s", "guest-visible latency", "s", "lower",
                lambda c, s: s.guest_latency_s, 0.002),
+        Metric("latency_guest_clock_s", "guest-side duration (guest clock)", "s", "lower",
+               lambda c, s: s.guest_clock_s, 0.0005),
         Metric("succeeded", "ok step of an ok cell", "share", "higher", _succeeded, 0.0,
                kind="outcome"),
         Metric("rss_reclaimed_mib", "host RSS reclaimed", "MiB", "higher",

@@ -19,6 +19,7 @@ import markdown
 import numpy as np
 import pandas as pd
 
+from dynamem.qemu.config import ICOUNT
 from dynamem.record import CellRecord, FreeStep, OomStep, RebootStep
 from dynamem.store import RunStore
 
@@ -32,6 +33,18 @@ INTERVAL = (
     "median with the exact distribution-free order-statistic interval of the median; its "
     "real level is printed with it (95% where n allows, else the level n gives, e.g. 75% "
     "for n = 3, 94% for n = 5)"
+)
+
+
+ICOUNT_NOTE = (
+    "**Deterministic mode (tcg-icount).** The guest's clock counts the instructions it ran "
+    "(one per nanosecond; an idle guest's clock jumps to its next timer), so latency here is "
+    "the guest-side duration on the guest's clock, from the last look that saw no change to "
+    "the look that saw completion. It excludes the work done on the host (QEMU's discards, "
+    "the host kernel's page freeing) and the time until the guest reacted to the request, so "
+    "it complements wall-clock results on a KVM or TCG run and never replaces them. "
+    "Wall-clock fields are recorded but not meaningful in this mode: every guest timer and "
+    "I/O exit runs in one host thread."
 )
 
 
@@ -60,6 +73,18 @@ class Report:
             return False
         self.add(f"![{alt}]({name})", "")
         return True
+
+    @property
+    def icount(self) -> bool:
+        """A tcg-icount run: its wall-clock figures are not meaningful, its guest-clock
+        ones are nearly deterministic."""
+        return self.store.run.metadata.accel == ICOUNT
+
+    @property
+    def latency(self) -> str:
+        """The latency every view of this run uses: guest-visible wall clock, or under
+        tcg-icount the guest-side duration on the guest's clock."""
+        return "latency_guest_clock_s" if self.icount else "latency_guest_s"
 
     def cid(self, condition: str) -> str:
         return self.conditions.get(condition, "C?")
@@ -232,6 +257,8 @@ def verdict_table(rep: Report, mechs: list[str]) -> tuple[list[list[str]], list[
         part = good[(good.condition == cond) & (good.step_index == k)]
         wl = t[t.condition == cond].workload_label.iloc[0]
         for name, metric, directions in CRITERIA:
+            if metric == "latency_guest_s" and rep.icount:
+                name, metric = "guest-clock duration", rep.latency
             if direction not in directions:
                 continue
             sub = part[part.metric == metric]
@@ -290,6 +317,8 @@ def _verdict(rep: Report, mechs: list[str]) -> None:
         "",
     )
     rep.add(*md_table(["criterion", *mechs], rows))
+    if rep.icount:
+        rep.add(ICOUNT_NOTE, "")
     rep.add(
         "Grow beyond boot RAM: the balloon can only deflate back to boot RAM (a grow past "
         "it is reported `unsupported`); DIMM and virtio-mem grow up to maxmem.",
@@ -380,7 +409,7 @@ def _q_swap(rep: Report, mechs: list[str]) -> None:
                 return fmt(float(v.median()), METRICS[metric].unit) if len(v) else "-"
 
             rows.append([
-                f"{step} ({rep.cid(str(cond))})", mech, f"{ok}/{n}", med("latency_guest_s"),
+                f"{step} ({rep.cid(str(cond))})", mech, f"{ok}/{n}", med(rep.latency),
                 med("swap_out_pages"), med("pages_migrated"), med("compaction_stalls"),
                 med("oom_kills"),
             ])  # fmt: skip
@@ -436,20 +465,20 @@ def _q_granularity(rep: Report, mechs: list[str]) -> None:
 def _q_latency(rep: Report, mechs: list[str]) -> None:
     rep.add("### 5. Latency as a function of size (plug is asynchronous)", "")
     rep.figure(
-        lambda p: F.latency_vs_size(rep.good, p, rep.direction_shares()),
+        lambda p: F.latency_vs_size(rep.good, p, rep.direction_shares(), rep.latency),
         "latency.png",
         "latency vs size",
     )
     rep.add(
         "Host-side (QMP state polled) versus guest-visible completion of grows, median: "
         "host " + _by_mech(rep, "latency_host_s", direction="grow")
-        + "; guest " + _by_mech(rep, "latency_guest_s", direction="grow") + ".",
+        + "; guest " + _by_mech(rep, rep.latency, direction="grow") + ".",
         "",
     )  # fmt: skip
     variants = {m for m in mechs if m.startswith("virtio-mem/")}
     rep.add("### 6. Sub-Block Mode versus Big Block Mode", "")
     if len(variants) == 2:
-        rep.add("Shrink latency: " + _by_mech(rep, "latency_guest_s", direction="shrink") + ".", "")
+        rep.add("Shrink latency: " + _by_mech(rep, rep.latency, direction="shrink") + ".", "")
     else:
         rep.add(
             "Not measured in this run (one virtio-mem variant); the `study` suite runs both.", ""
@@ -529,7 +558,7 @@ def _q_kernel_and_workload(rep: Report) -> None:
     if t.kernel_args.nunique() > 1:
         rep.add(
             "Shrink latency by kernel command line (within each condition otherwise equal): "
-            + _by_mech(rep, "latency_guest_s", direction="shrink")
+            + _by_mech(rep, rep.latency, direction="shrink")
             + ".",
             "",
         )
@@ -541,7 +570,7 @@ def _q_kernel_and_workload(rep: Report) -> None:
         )
     rep.add("### 13. Who wins depends on the workload", "")
     good = rep.good
-    shrink = good[(good.metric == "latency_guest_s") & (good.direction == "shrink")]
+    shrink = good[(good.metric == rep.latency) & (good.direction == "shrink")]
     shares = _shares(rep.table, ["condition", "step_index", "mechanism"])
     for (cond, k, step), part in shrink.groupby(["condition", "step_index", "step"], sort=False):
         med = part.groupby("mechanism")["value"].median()
@@ -597,7 +626,7 @@ def _published(rep: Report) -> None:
         "of KVM.",
         "",
     )
-    sub = good[(good.reproduces == PAPER) & (good.metric == "latency_guest_s")]
+    sub = good[(good.reproduces == PAPER) & (good.metric == rep.latency)]
     shares = _shares(mine, ["step_index", "mechanism"])
     for (k, step), part in sub.groupby(["step_index", "step"], sort=False):
         vals = {m: np.log(g["value"].to_numpy(float)) for m, g in part.groupby("mechanism")}

@@ -24,13 +24,14 @@ import math
 import os
 import statistics
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from dynamem.errors import UserError
+from dynamem.qemu.config import ICOUNT
 from dynamem.scenario import Suite, load_suite, load_suite_text
 
 from .metrics import METRICS, MiB, cell_outcomes, outcome_counts, tidy, usable
@@ -39,6 +40,9 @@ from .stats import group_stats
 ENV_RAW = "DYNAMEM_ASV_RAW"  # a finished raw run directory to read instead of booting
 ENV_SUITE = "DYNAMEM_ASV_SUITE"  # the suite to run when no raw run is given
 DEFAULT_SUITE = "nightly"
+# A suite whose parameter grid a run's grid is framed in (Grid.frame): `dynamem nightly`
+# sets it to the main suite when it records the deterministic subset.
+ENV_FRAME = "DYNAMEM_ASV_FRAME"
 PARAM_NAMES = ["mechanism", "step size", "workload"]
 SETUP_TIMEOUT_S = 3 * 3600.0  # the whole suite boots in setup_cache when asv runs alone
 
@@ -95,16 +99,20 @@ class Grid:
     suite: Suite
     scenarios: dict[tuple[str, str], str]
     sizes: dict[str, dict[str, list[str]]]  # scenario -> direction -> size labels
+    # Another grid whose parameters this one's include: a subset suite (the deterministic
+    # nightly's idle scenarios) keeps the nightly's parameters, so every asv machine has the
+    # same benchmark parameters and the points it lacks are n/a.
+    frame: "Grid | None" = None
 
     @property
     def params(self) -> list[list[str]]:
-        mechs = sorted({m for m, _ in self.scenarios})
-        loads = sorted({w for _, w in self.scenarios})
-        sizes = sorted(
-            {s for d in self.sizes.values() for v in d.values() for s in v},
-            key=lambda s: float(s.split()[0]),
-        )
-        return [mechs, sizes, loads]
+        mechs = {m for m, _ in self.scenarios}
+        loads = {w for _, w in self.scenarios}
+        sizes = {s for d in self.sizes.values() for v in d.values() for s in v}
+        if self.frame is not None:
+            fm, fs, fl = self.frame.params
+            mechs, sizes, loads = mechs | set(fm), sizes | set(fs), loads | set(fl)
+        return [sorted(mechs), sorted(sizes, key=lambda s: float(s.split()[0])), sorted(loads)]
 
     @property
     def failure_params(self) -> list[list[str]]:
@@ -139,8 +147,15 @@ def bench_grid() -> Grid:
         from dynamem.store import RunStore
 
         run = RunStore.open(Path(raw)).run
-        return grid_of(load_suite_text(run.suite.toml, f"run {run.run_id}"))
-    return grid_of(load_suite(os.environ.get(ENV_SUITE) or DEFAULT_SUITE))
+        grid = grid_of(load_suite_text(run.suite.toml, f"run {run.run_id}"))
+    else:
+        grid = grid_of(load_suite(os.environ.get(ENV_SUITE) or DEFAULT_SUITE))
+    return framed(grid, os.environ.get(ENV_FRAME))
+
+
+def framed(grid: Grid, frame: str | None) -> Grid:
+    """`grid` within the parameters of the suite `frame` (see Grid.frame), if given."""
+    return replace(grid, frame=grid_of(load_suite(frame))) if frame else grid
 
 
 @dataclass
@@ -152,6 +167,14 @@ class Cache:
     table: pd.DataFrame  # metrics.tidy
     outcomes: pd.DataFrame  # metrics.cell_outcomes
     problems: list[str]
+    accel: str = "tcg"
+
+    def metric_of(self, track: "Track") -> str:
+        """Under tcg-icount a latency track is the guest-clock duration: its wall-clock
+        latency is not meaningful there."""
+        if self.accel == ICOUNT and track.metric == "latency_guest_s":
+            return "latency_guest_clock_s"
+        return track.metric
 
 
 def cache_of(directory: Path) -> Cache:
@@ -164,7 +187,8 @@ def cache_of(directory: Path) -> Cache:
         f"cell {c} never finished" for c in sorted(missing)
     ]
     run_id = store.run.run_id
-    return Cache(run_id, str(directory), tidy(cells, run_id), cell_outcomes(cells), problems)
+    return Cache(run_id, str(directory), tidy(cells, run_id), cell_outcomes(cells), problems,
+                 store.run.metadata.accel)  # fmt: skip
 
 
 def load_cache() -> Cache:
@@ -224,11 +248,12 @@ def track_value(
             f"run {cache.run_id}: no {track.direction} {size} of {scenario} succeeded "
             f"({_failures(cache, scenario)})"
         )
-    values = steps[steps["metric"] == track.metric]["value"]
+    metric = cache.metric_of(track)
+    values = steps[steps["metric"] == metric]["value"]
     if values.empty:
         return math.nan  # the figure does not apply here (e.g. a stall without `impact`)
     median = track.sign * float(statistics.median(values))
-    return quantize(median, METRICS[track.metric].resolution)
+    return quantize(median, METRICS[metric].resolution)
 
 
 def ok_steps(

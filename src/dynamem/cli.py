@@ -86,7 +86,11 @@ def _vm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cpu", help="the guest's -cpu model (default: host under KVM, qemu64 under TCG)"
     )
-    p.add_argument("--accel", default="auto", help="auto (probe), kvm or tcg (default: auto)")
+    p.add_argument(
+        "--accel",
+        default="auto",
+        help="auto (probe), kvm, tcg, or tcg-icount: deterministic guest clock (default: auto)",
+    )
     p.add_argument("--qemu", default="qemu-system-x86_64", help="QEMU binary")
     p.add_argument(
         "--memhp-default-state",
@@ -224,6 +228,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from dynamem.analysis import compare
     from dynamem.analysis.metrics import tidy
+    from dynamem.qemu.config import ICOUNT
     from dynamem.runner import format_table
     from dynamem.store import RunStore
 
@@ -239,9 +244,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     ) + compare.condition_mismatch(*tables)
     for diff in compare.check_comparable(diffs, a.run.run_id, b.run.run_id, args.allow_mixed):
         print(f"warning: mixed runs, {diff}", file=sys.stderr)
+    deterministic = a.run.metadata.accel == ICOUNT and b.run.metadata.accel == ICOUNT
+    noise = args.noise if args.noise is not None else (None if deterministic else 0.10)
     table, missing = compare.compare_tables(
-        tables[0], tables[1], compare.Thresholds(args.alpha, args.noise)
+        tables[0], tables[1], compare.Thresholds(args.alpha, noise)
     )
+    noise_text = (
+        f"{noise:.0%}" if noise is not None
+        else f"{compare.NOISE_SPREADS:g} robust spreads of the noisier run (tcg-icount)"
+    )  # fmt: skip
     if table.empty and not missing:
         raise UserError("compare: the two runs have no scenario step and metric in common")
     if not table.empty:
@@ -249,7 +260,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         counts = table["verdict"].value_counts().to_dict()
         print(
             f"A = {a.run.run_id}, B = {b.run.run_id}; alpha {args.alpha}, noise "
-            f"{args.noise:.0%}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+            f"{noise_text}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
         )
     for line in missing:
         print(f"missing in B: {line}", file=sys.stderr)
@@ -269,27 +280,37 @@ def cmd_nightly(args: argparse.Namespace) -> int:
 
     nightly.check_tools()
     layout = nightly.Layout(args.root or nightly.default_root())
-    if args.raw:
-        raw = args.raw
-    else:
-        load_suite(args.suite)  # a bad suite is refused before anything boots
-        raw = nightly.run_suite(
-            args.suite, args.repeats, layout, accel=args.accel, qemu=args.qemu, guest=args.guest
+    runs: list[tuple[str, str]] = [] if args.raw else [(args.suite, args.accel)]
+    if args.deterministic and not args.raw:
+        runs.append((args.deterministic, ICOUNT_ACCEL))  # its own asv machine
+    for suite, _ in runs:
+        load_suite(suite)  # a bad suite is refused before anything boots
+    raws = [args.raw] if args.raw else []
+    ok = True
+    for suite, accel in runs or [("", "")]:
+        if suite:
+            raws.append(nightly.run_suite(
+                suite, args.repeats, layout, accel=accel, qemu=args.qemu, guest=args.guest
+            ))  # fmt: skip
+        raw = raws[-1]
+        main = str(Path(args.suite).resolve()) if Path(args.suite).suffix else args.suite
+        frame = main if accel == ICOUNT_ACCEL and suite != args.suite else None
+        result = nightly.record(raw, layout, frame)
+        for cell in result.cells_failed:
+            print(f"cell {cell} failed (see {raw / 'cells' / cell}.json)", file=sys.stderr)
+        for line in result.resizes_not_ok:
+            print(f"not every resize was ok: {line}", file=sys.stderr)
+        if result.asv_run_status:
+            print(f"asv run exited {result.asv_run_status}: some benchmarks failed",
+                  file=sys.stderr)  # fmt: skip
+        if result.publish_status:
+            print(f"asv publish exited {result.publish_status}", file=sys.stderr)
+        print(
+            f"nightly {result.run_id}: timeline commit {result.commit[:12]}, machine "
+            f"{result.machine}, raw results {raw}, HTML {result.html / 'index.html'}"
         )
-    result = nightly.record(raw, layout)
-    for cell in result.cells_failed:
-        print(f"cell {cell} failed (see {raw / 'cells' / cell}.json)", file=sys.stderr)
-    for line in result.resizes_not_ok:
-        print(f"not every resize was ok: {line}", file=sys.stderr)
-    if result.asv_run_status:
-        print(f"asv run exited {result.asv_run_status}: some benchmarks failed", file=sys.stderr)
-    if result.publish_status:
-        print(f"asv publish exited {result.publish_status}", file=sys.stderr)
-    print(
-        f"nightly {result.run_id}: timeline commit {result.commit[:12]}, machine "
-        f"{result.machine}, raw results {raw}, HTML {result.html / 'index.html'}"
-    )
-    return 0 if result.ok else 1
+        ok = ok and result.ok
+    return 0 if ok else 1
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -350,6 +371,43 @@ def cmd_bench_resize(args: argparse.Namespace) -> int:
         print("\n".join(resize_lines(b)))
     for line in mechanism_ratio_lines(benches):
         print(line)
+    return 0
+
+
+ICOUNT_ACCEL = "tcg-icount"
+
+
+def cmd_bench_determinism(args: argparse.Namespace) -> int:
+    from dynamem.determinism import bench_determinism, determinism_lines
+
+    if args.accel != ICOUNT_ACCEL:
+        print(f"note: --accel {args.accel}: guest-clock durations follow the host there",
+              file=sys.stderr)  # fmt: skip
+    mechs = args.mechanism.split(",")
+    found: dict[str, list[object]] = {m: [] for m in mechs}
+    for i in range(args.repeats):  # mechanisms interleaved: host drift lands on all of them
+        for m in mechs:
+            found[m].append(
+                bench_determinism(
+                    m,
+                    1,
+                    args.size,
+                    args.memory,
+                    print,
+                    observers=tuple(args.observers.split(",")),
+                    boot_index=i,
+                    kernel_args=tuple(args.kernel_arg),
+                    cpus=1,
+                    cpu=args.cpu,
+                    accel_request=args.accel,
+                    qemu=args.qemu,
+                    guest=args.guest,
+                )  # fmt: skip
+            )
+    from dynamem.determinism import merge
+
+    for m in mechs:
+        print("\n".join(determinism_lines(merge(found[m]))))  # type: ignore[arg-type]
     return 0
 
 
@@ -585,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the report (results/report/<run-id>/index.html) at the end",
     )
     p.add_argument("--guest", default="minimal")
-    p.add_argument("--accel", default="auto")
+    p.add_argument("--accel", default="auto", help="auto, kvm, tcg or tcg-icount")
     p.add_argument("--qemu", default="qemu-system-x86_64")
     p.set_defaults(func=cmd_run)
 
@@ -598,7 +656,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_a", type=Path, metavar="RUN_A")
     p.add_argument("run_b", type=Path, metavar="RUN_B")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level (after Holm)")
-    p.add_argument("--noise", type=float, default=0.10, help="changes below this share are noise")
+    p.add_argument(
+        "--noise",
+        type=float,
+        help="changes below this share are noise (default: 0.10; for two tcg-icount runs, "
+        "derived from their own repeat-to-repeat spread)",
+    )
     p.add_argument(
         "--allow-mixed",
         action="store_true",
@@ -611,16 +674,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive_int, help="override every scenario's repeats")
     p.add_argument("--raw", type=Path, metavar="RUN_DIR", help="record a finished run instead")
     p.add_argument(
+        "--deterministic",
+        default="nightly-icount",
+        metavar="SUITE",
+        help="then this suite under tcg-icount, as its own asv machine (default: "
+        "nightly-icount; '' skips it)",
+    )
+    p.add_argument(
         "--root", type=Path, help="results root: raw/, timeline/, asv/, html/ (default: results)"
     )
     p.add_argument("--guest", default="minimal")
-    p.add_argument("--accel", default="auto")
+    p.add_argument("--accel", default="auto", help="auto, kvm, tcg or tcg-icount")
     p.add_argument("--qemu", default="qemu-system-x86_64")
     p.set_defaults(func=cmd_nightly)
 
     p = sub.add_parser("doctor", help="check QEMU, the accelerator, the guest image, host tools")
     p.add_argument("--guest", default="minimal")
-    p.add_argument("--accel", default="auto")
+    p.add_argument("--accel", default="auto", help="auto, kvm, tcg or tcg-icount")
     p.add_argument("--qemu", default="qemu-system-x86_64")
     p.add_argument("--reprobe", action="store_true", help="probe KVM again (ignore the cache)")
     p.set_defaults(func=cmd_doctor)
@@ -654,6 +724,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--stress", type=_size, help="restart stress --vm-bytes SIZE --vm-keep before each shrink"
     )
     p.set_defaults(func=cmd_bench_resize)
+    p = bsub.add_parser(
+        "determinism",
+        help="guest-clock against wall-clock spread over fresh boots, and the observer's "
+        "perturbation, in the deterministic mode",
+    )
+    _vm_options(p)
+    p.set_defaults(accel=ICOUNT_ACCEL, memory=1 << 30)
+    p.add_argument("--mechanism", default="balloon,dimm,virtio-mem")
+    p.add_argument("--size", type=_size, default="256M")
+    p.add_argument("--repeats", type=_positive_int, default=5, help="fresh boots per mechanism")
+    p.add_argument(
+        "--observers",
+        default="adaptive,sparse",
+        help="observer arms; the last is the baseline of the ratios (default: adaptive,sparse)",
+    )
+    p.set_defaults(func=cmd_bench_determinism)
     p = bsub.add_parser("sampler", help="CPU cost of the in-guest sampler per sampling mode")
     _vm_options(p)
     p.add_argument("--seconds", type=_seconds, default=10.0)

@@ -7,7 +7,7 @@ from dynamem.errors import UserError
 from dynamem.guest.build import GuestImage, find_image
 from dynamem.guest.recipe import load_recipe
 from dynamem.qemu import accel
-from dynamem.qemu.config import VMConfig
+from dynamem.qemu.config import ICOUNT, VMConfig, vcpus_for
 
 MIN_QEMU = (7, 2, 0)
 
@@ -35,7 +35,6 @@ def plan_vm(
     memory: int,
     cpus: int = 2,
     cpu: str | None = None,
-    icount: bool = False,
     accel_request: str | None = None,
     qemu: str = "qemu-system-x86_64",
     maxmem: int | None = None,
@@ -50,9 +49,12 @@ def plan_vm(
     """Validate everything that can be checked before a QEMU is started.
 
     `cpu` is the guest's -cpu (None: the accelerator's default, config.default_cpu);
-    `icount` runs TCG in icount mode (one vCPU), see VMConfig."""
-    if accel_request not in (None, "auto", "kvm", "tcg"):
-        raise UserError(f"unknown accelerator {accel_request!r} (choose from auto, kvm, tcg)")
+    under tcg-icount the guest gets one vCPU whatever `cpus` says (config.vcpus_for)."""
+    if accel_request not in (None, "auto", "kvm", "tcg", ICOUNT):
+        raise UserError(
+            f"unknown accelerator {accel_request!r} (choose from auto, kvm, tcg, {ICOUNT})"
+        )
+    fixed = accel_request if accel_request in ("tcg", ICOUNT) else None
     # Configuration errors first: nothing is probed or started for a plan that cannot run.
     config = VMConfig(
         kernel=Path("/"),
@@ -60,11 +62,10 @@ def plan_vm(
         memory=memory,
         maxmem=maxmem,
         slots=slots,
-        cpus=cpus,
+        cpus=vcpus_for(fixed or "kvm", cpus),
         cpu=cpu,
-        icount=icount,
         # the accelerator is probed below; this one only lets the checks run first
-        accel="tcg" if icount or accel_request == "tcg" else "kvm",
+        accel=fixed or "kvm",
         memhp_default_state=memhp_default_state,
         kernel_args=kernel_args,
         extra_args=extra_args,
@@ -75,6 +76,6 @@ def plan_vm(
     )
     version = check_qemu(qemu)
     image = find_image(load_recipe(guest))
-    choice = accel.choose("tcg" if icount else accel_request, qemu, image.kernel)
+    choice = accel.choose(accel_request, qemu, image.kernel)
     config = replace(config, kernel=image.kernel, initrd=image.initrd, accel=choice.accel)
     return Plan(config, image, choice, version)

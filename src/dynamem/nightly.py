@@ -368,8 +368,11 @@ class Nightly:
         return not self.cells_failed and self.asv_run_status == 0 and self.publish_status == 0
 
 
-def record(raw: Path, layout: Layout) -> Nightly:
-    """Steps 2-5 for a finished raw run: timeline commit, machine, asv run, asv publish."""
+def record(raw: Path, layout: Layout, frame: str | None = None) -> Nightly:
+    """Steps 2-5 for a finished raw run: timeline commit, machine, asv run, asv publish.
+
+    `frame`: the main suite when `raw` is a subset of it run as another machine (the
+    deterministic subset), so both machines' benchmarks have the same parameters."""
     from dynamem.analysis import tracks
     from dynamem.store import RunStore
 
@@ -384,7 +387,9 @@ def record(raw: Path, layout: Layout) -> Nightly:
     manifest = manifest_of(store.run, cells, raw.resolve())
     entry = machine_entry(manifest["accel"])
     cache = tracks.cache_of(raw)
-    grid = tracks.grid_of(load_suite_text(store.run.suite.toml, f"run {store.run.run_id}"))
+    grid = tracks.framed(
+        tracks.grid_of(load_suite_text(store.run.suite.toml, f"run {store.run.run_id}")), frame
+    )
     config = layout.config(
         tracks.thresholds(cache, tracks.history(layout.results, entry["machine"], grid))
     )
@@ -401,7 +406,7 @@ def record(raw: Path, layout: Layout) -> Nightly:
         entry["machine"],
         "--show-stderr",
         config=config,
-        env={"DYNAMEM_ASV_RAW": str(raw.resolve())},
+        env={"DYNAMEM_ASV_RAW": str(raw.resolve()), **({tracks.ENV_FRAME: frame} if frame else {})},
     )
     publish_status = asv("publish", config=config)
     if publish_status == 0:

@@ -15,7 +15,9 @@ Format history (the `format` key of `run.json` and of every cell record):
   the mechanism), `mechanism` (its typed configuration), `preparation` (the unmeasured
   resize that brought the guest to its starting size); a resize's derived numbers are its
   `cost`; settle steps carry their seconds. `upgrade_cell_v1` turns a format-1 cell into
-  format 2 on load, so every run ever written still loads.
+  format 2 on load, so every run ever written still loads. Later additions to format 2
+  are optional fields that older format-2 records load without: `guest_clock_s` (the
+  guest-side duration on the guest's clock) and the accelerator `tcg-icount`.
 """
 
 import dataclasses
@@ -176,6 +178,9 @@ class ResizeRecord(_Record):
     guest_bound_target_s: float | None = None  # max(5 ms, 1% of the guest latency)
     guest_look_gap_s: float | None = None  # guest clock: completing look minus the one before
     guest_reaction_s: float | None = None  # request to the first guest-visible change
+    # guest clock: the last look before the first change to the look that saw completion
+    # (the guest-side duration; deterministic under tcg-icount)
+    guest_clock_s: float | None = None
     reaction_allowance_s: float | None = None  # how long a first change was waited for
     settle_quiet_s: float | None = None  # quiet period that ended the watch
     sampler_checks: int | None = None  # the sampler's looks, baseline to last, sent or not
@@ -327,7 +332,7 @@ class Condition(_Record):
     memory: int  # guest size when the first measured step starts
     cpus: int
     cpu_model: str  # QEMU -cpu
-    accel: str  # kvm or tcg
+    accel: str  # kvm, tcg or tcg-icount (never pooled with each other)
     workload: str
     workload_size: int
     touch: int  # touched and freed before the workload (HyperAlloc's set-up)

@@ -400,6 +400,11 @@ def _guest_view(
     if first is not None:
         res.guest_reaction_s = (int(arrivals[base + first]) - res.t_request_ns) / 1e9
     idx = completion_index(signal, first_after)
+    if idx is not None and first is not None:
+        # On the guest's own clock: from the last look that saw nothing yet to the look
+        # that saw completion. Under tcg-icount this counts the guest's instructions (and
+        # its idle waits, which jump to its next timer), not the host's work.
+        res.guest_clock_s = (samples[idx].guest_ns - samples[base + first].prev_guest_ns) / 1e9
     if idx is not None:
         res.t_guest_done_ns = int(arrivals[idx])
         res.guest_latency_s = (res.t_guest_done_ns - res.t_request_ns) / 1e9

@@ -8,7 +8,7 @@ A suite file holds `name`, `description`, `repeats`, `seed`, a `[defaults]` tabl
 import math
 import re
 import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from dynamem import faults, mechanisms
 from dynamem import observer as observers
 from dynamem.errors import UserError
 from dynamem.mechanisms import Mechanism, MemoryPlan
-from dynamem.qemu.config import ONLINE_STATES, SWAP_KINDS, default_cpu
+from dynamem.qemu.config import ONLINE_STATES, SWAP_KINDS, default_cpu, vcpus_for
 from dynamem.record import Condition, MechanismConfig
 from dynamem.units import format_size, parse_size
 
@@ -42,7 +42,7 @@ SCENARIO_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "maxmem": (str, "upper bound for hotplugged memory"),
     "cpus": (int, "vCPUs"),
     "cpu_model": (str, "QEMU -cpu model (default: host under KVM, qemu64 under TCG)"),
-    "observer": (str, "how closely resizes are watched: adaptive (default), minimal, dense"),
+    "observer": (str, "how resizes are watched: adaptive (default), minimal, dense, sparse"),
     "memhp_default_state": (str, "how the guest onlines hotplugged memory"),
     "kernel_args": (list, "extra guest kernel arguments"),
     "swap": (str, "disk, zram or none"),
@@ -65,7 +65,8 @@ HIDDEN_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "inject": (str, "a fault to inject, e.g. qemu-kill@step0"),
     "inject_repeats": (list, "the repeats the fault is injected into (default: every one)"),
 }
-SUITE_KEYS = {"name", "description", "repeats", "seed", "defaults", "scenario", "control_arm"}
+SUITE_KEYS = {"name", "description", "repeats", "seed", "defaults", "scenario", "control_arm",
+              "force_repeats"}  # fmt: skip
 # The control arm's twin of a scenario: the same condition, watched without guest-visible
 # latency (dynamem.observer "minimal"), so the report can put the observer's cost on the
 # host-side latency with an interval.
@@ -168,7 +169,7 @@ class Scenario:
         """What this scenario's cells measure under `accel`, the mechanism aside."""
         return Condition(
             memory=self.memory,
-            cpus=self.cpus,
+            cpus=vcpus_for(accel, self.cpus),
             cpu_model=self.cpu_model or default_cpu(accel),
             accel=accel,
             workload=self.workload,
@@ -381,7 +382,7 @@ def load_suite_text(text: str, source: str) -> Suite:
     entries = data.get("scenario", [])
     if not isinstance(defaults, dict) or not isinstance(entries, list) or not entries:
         raise UserError(f"{source}: needs [defaults] as a table and at least one [[scenario]]")
-    repeats, seed = data.get("repeats", 5), data.get("seed", 1)
+    repeats, seed = data.get("force_repeats", data.get("repeats", 5)), data.get("seed", 1)
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise UserError(f"{source}: repeats must be a positive integer")
     if not isinstance(seed, int) or isinstance(seed, bool):
@@ -400,6 +401,8 @@ def load_suite_text(text: str, source: str) -> Suite:
         if not isinstance(entry, dict):
             raise UserError(f"{source}: scenario {i + 1} must be a table")
         merged = {"repeats": repeats, **defaults, **entry}
+        if "force_repeats" in data:  # what `--repeats N` writes: every scenario's count
+            merged["repeats"] = data["force_repeats"]
         built = [build_scenario(merged, f"{source}: scenario {i + 1}")]
         if control and built[0].observer != CONTROL:
             twin = {**merged, "name": f"{built[0].name}-{CONTROL}", "observer": CONTROL}
@@ -448,8 +451,8 @@ def with_control_arm(suite: Suite) -> Suite:
 
 
 def with_repeats(suite: Suite, repeats: int) -> Suite:
-    return replace(
-        suite,
-        repeats=repeats,
-        scenarios=tuple(replace(s, repeats=repeats) for s in suite.scenarios),
-    )
+    """Every scenario `repeats` times; the text says so too (`force_repeats`), so a resumed
+    run, which re-reads the stored text, plans the same cells."""
+    line = re.compile(r"^force_repeats\s*=.*$", re.MULTILINE)
+    text = line.sub("", suite.source)
+    return load_suite_text(f"force_repeats = {int(repeats)}\n" + text, suite.name)

@@ -41,6 +41,22 @@ mechanism = "balloon"
 """
 
 
+TINY_ICOUNT = """
+name = "tiny-icount"
+repeats = 1
+seed = 5
+[defaults]
+memory = "1G"
+cpus = 1
+swap = "none"
+warmup = false
+steps = ["shrink 128M", "grow 128M"]
+[[scenario]]
+name = "balloon-idle"
+mechanism = "balloon"
+"""
+
+
 @pytest.fixture(scope="module")
 def two_nightlies(image, tmp_path_factory):
     """(results root, the two commands' outputs); HOME is private (asv's machine file)."""
@@ -54,8 +70,12 @@ def two_nightlies(image, tmp_path_factory):
     env = {"HOME": str(home), "DYNAMEM_RUN_BASE": str(base), "DYNAMEM_CACHE": str(cache_dir())}
     runs = []
     try:
-        for _ in range(2):
-            args = ("nightly", "--suite", str(suite), "--root", str(root))
+        # The second night also runs a deterministic subset, as its own asv machine.
+        icount = tmp / "tiny-icount.toml"
+        icount.write_text(TINY_ICOUNT)
+        for deterministic in ("", str(icount)):
+            args = ("nightly", "--suite", str(suite), "--root", str(root),
+                    "--deterministic", deterministic)  # fmt: skip
             runs.append(cli(*args, timeout=1500, env=env))
     finally:
         leftover = qemu_pids_mentioning(str(base))
@@ -64,8 +84,12 @@ def two_nightlies(image, tmp_path_factory):
     return root, runs
 
 
-def graph_files(html: Path, benchmark: str) -> list[Path]:
-    return [p for p in html.glob(f"graphs/**/{benchmark}.json") if "summary" not in p.parts]
+def graph_files(html: Path, benchmark: str, machine: str) -> list[Path]:
+    return [
+        p
+        for p in html.glob(f"graphs/**/{benchmark}.json")
+        if "summary" not in p.parts and f"machine-{machine}" in p.parts
+    ]
 
 
 def test_two_nightlies_give_two_points_per_graph(two_nightlies):
@@ -79,20 +103,21 @@ def test_two_nightlies_give_two_points_per_graph(two_nightlies):
         text=True,
         check=True,
     ).stdout.split()
-    assert len(log) == 2
+    assert len(log) == 3  # two nightlies, the second with its deterministic subset
     raw_runs = sorted(p.name for p in (root / "raw").iterdir())
-    assert len(raw_runs) == 2
+    assert len(raw_runs) == 3
     index = json.loads((root / "html" / "index.json").read_text())
     assert sorted(index["revision_to_hash"].values()) == sorted(log)
-    machine = index["graph_param_list"][0]["machine"]
-    assert machine.endswith(("-tcg", "-kvm"))
+    machines = {p["machine"] for p in index["graph_param_list"]}
+    machine = next(m for m in machines if m.endswith(("-tcg", "-kvm")))
+    assert machines == {machine, machine.rsplit("-", 1)[0] + "-tcg-icount"}
     benchmarks = index["benchmarks"]
     shipped = sum(line.lstrip().startswith("def track_") for f in bench_dir().glob("*.py")
                   for line in f.read_text().splitlines())  # fmt: skip
     assert shipped >= 9 and len(benchmarks) == shipped
     for name, bench in benchmarks.items():
         assert bench["unit"] and bench["pretty_name"], name
-        files = graph_files(root / "html", name)
+        files = graph_files(root / "html", name, machine)
         assert len(files) == 1, (name, files)
         points = json.loads(files[0].read_text())
         assert len(points) == 2, (name, points)  # one point per nightly
@@ -101,9 +126,9 @@ def test_two_nightlies_give_two_points_per_graph(two_nightlies):
             measured = [v for v in values if v is not None]
             assert measured, (name, values)
     stall = json.loads(
-        graph_files(root / "html", "resize.ShrinkWorkloadStall.track_shrink_workload_stall")[
-            0
-        ].read_text()
+        graph_files(
+            root / "html", "resize.ShrinkWorkloadStall.track_shrink_workload_stall", machine
+        )[0].read_text()
     )
     params = benchmarks["resize.ShrinkWorkloadStall.track_shrink_workload_stall"]["params"]
     assert params == [["'balloon'", "'virtio-mem/sbm'"], ["'128 MiB'"], ["'idle'", "'impact 256M'"]]
@@ -111,6 +136,21 @@ def test_two_nightlies_give_two_points_per_graph(two_nightlies):
         assert values[3] is not None and values[3] >= 9  # impact logs every 10 ms at best
         assert values[:3] == [None, None, None]  # no stall without impact; no balloon-impact
     assert "regressions" in json.loads((root / "html" / "regressions.json").read_text())
+    # The deterministic machine: one night, the same parameters, its balloon idle shrink a
+    # guest-clock duration, the points its subset lacks n/a.
+    icount = machine.rsplit("-", 1)[0] + "-tcg-icount"
+    shrink = "resize.ShrinkLatency.track_shrink_latency"
+    (points,) = [json.loads(f.read_text()) for f in graph_files(root / "html", shrink, icount)]
+    assert len(points) == 1
+    values = points[0][1]  # (balloon, idle), (balloon, impact), (vmem, idle), (vmem, impact)
+    assert values[0] is not None and 0 < values[0] < 60
+    assert values[1:] == [None, None, None]
+    accels = [
+        json.loads((root / "raw" / r / "run.json").read_text())["metadata"]["accel"]
+        for r in raw_runs
+    ]
+    main_accel = machine.rsplit("-", 1)[1]
+    assert sorted(accels) == sorted([main_accel, main_accel, "tcg-icount"])
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -49,8 +49,17 @@ def test_cpu_model_follows_the_accelerator():
     assert config(accel="tcg").cpu_model == default_cpu("tcg") == DEFAULT_TCG_CPU
 
 
+def test_the_deterministic_accelerator_is_chosen_without_a_probe_and_says_so():
+    from dynamem.qemu.accel import choose
+
+    choice = choose("tcg-icount", "qemu-system-x86_64", None)
+    assert choice.accel == "tcg-icount" and "not meaningful" in choice.reason
+    with pytest.raises(UserError, match="choose from auto, kvm, tcg, tcg-icount"):
+        choose("icount", "qemu-system-x86_64", None)
+
+
 def test_icount_is_single_threaded_tcg_with_one_instruction_per_nanosecond():
-    argv = build_argv(config(accel="tcg", cpus=1, icount=True), files())
+    argv = build_argv(config(accel="tcg-icount", cpus=1), files())
     assert value_after(argv, "-accel") == ["tcg,thread=single"]
     assert value_after(argv, "-icount") == ["shift=0,sleep=off"]
     assert "-icount" not in build_argv(config(accel="tcg"), files())
@@ -91,8 +100,8 @@ def test_extra_arguments_come_last_in_order():
         ({"memory": 2 * GiB, "maxmem": GiB}, "maxmem 1G is below memory 2G"),
         ({"slots": 4}, "slots need maxmem"),
         ({"maxmem": 4 * GiB, "slots": 300}, "between 0 and 256"),
-        ({"accel": "kvm", "icount": True, "cpus": 1}, "icount needs --accel tcg and 1 vCPU"),
-        ({"accel": "tcg", "icount": True, "cpus": 2}, "icount needs --accel tcg and 1 vCPU"),
+        ({"accel": "tcg-icount", "cpus": 2}, "tcg-icount runs 1 vCPU"),
+        ({"accel": "tcg-icount", "cpus": 1, "cpu": "host"}, "-cpu host needs KVM"),
         ({"accel": "tcg", "cpu": "host"}, "-cpu host needs KVM"),
     ],
 )

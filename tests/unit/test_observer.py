@@ -56,8 +56,8 @@ def test_impossible_schedules_are_refused(floor, cap, share):
 
 def test_settings_by_name_and_unknown_names():
     assert named("adaptive") is ADAPTIVE and named(MINIMAL) is MINIMAL
-    assert set(OBSERVERS) == {"adaptive", "minimal", "dense"}
-    with pytest.raises(UserError, match="choose from adaptive, minimal, dense"):
+    assert set(OBSERVERS) == {"adaptive", "minimal", "dense", "sparse"}
+    with pytest.raises(UserError, match="choose from adaptive, minimal, dense, sparse"):
         named("quiet")
 
 

@@ -103,6 +103,21 @@ def test_noise_threshold_and_higher_is_better_metrics():
     assert verdicts(small) == ["no significant change"]
 
 
+def test_a_deterministic_runs_noise_threshold_comes_from_its_own_spread():
+    """Repeats 0.1% apart (as under tcg-icount): a 3% change is slower with the derived
+    threshold and hidden by the fixed 10%; the same 3% within a 10%-spread pair is noise."""
+    tight = [0.2000, 0.2002, 0.1998, 0.2001, 0.1999]
+    a, b = tidy(run_of(tight)), tidy(run_of([x * 1.03 for x in tight]))
+    assert verdicts(compare_tables(a, b, Thresholds(noise=None))[0]) == ["slower"]
+    assert verdicts(compare_tables(a, b, Thresholds(noise=0.10))[0]) == ["no significant change"]
+    wide = [1.0, 1.1, 0.9, 1.05, 0.95]
+    wa, wb = tidy(run_of(wide)), tidy(run_of([x * 1.03 for x in wide]))
+    table = compare_tables(wa, wb, Thresholds(noise=None))[0]
+    assert verdicts(table) == ["no significant change"]
+    row = table[(table.metric == "latency_guest_s") & (table.step == "shrink 256M")].iloc[0]
+    assert row.spread_noise > 0.1  # two robust spreads of about 7%
+
+
 def test_mixed_runs_and_changed_conditions_are_refused_unless_allowed():
     with pytest.raises(UserError, match="accel 'tcg' vs 'kvm'.*--allow-mixed"):
         check_comparable(["accel 'tcg' vs 'kvm'"], "a", "b", allow_mixed=False)

@@ -86,7 +86,7 @@ def test_the_shipped_suites_load_and_estimate():
 
 
 def test_unknown_suite_lists_the_built_in_ones():
-    with pytest.raises(UserError, match=r"built in: (\w+, )*quick, study"):
+    with pytest.raises(UserError, match=r"built in: ([\w-]+, )*quick, study"):
         load_suite("nosuch")
 
 
@@ -240,6 +240,14 @@ def test_the_condition_defaults_the_cpu_model_by_accelerator():
     assert s.condition("tcg").cpu_model == "qemu64" and s.condition("kvm").cpu_model == "host"
 
 
+def test_the_deterministic_mode_is_its_own_condition_with_one_vcpu():
+    s = load_suite_text(GOOD, "t.toml").scenarios[0]
+    icount, tcg = s.condition("tcg-icount"), s.condition("tcg")
+    assert (icount.cpus, icount.accel, icount.cpu_model) == (1, "tcg-icount", "qemu64")
+    assert tcg.cpus == 2 and icount.describe() != tcg.describe()
+    assert "tcg-icount" in icount.describe() and "1 vCPU;" in icount.describe()
+
+
 def test_the_control_arm_twins_every_scenario_and_survives_a_resume():
     from dynamem.runner import suite_of
     from dynamem.scenario import with_control_arm
@@ -267,3 +275,19 @@ def test_the_control_arm_twins_every_scenario_and_survives_a_resume():
     assert [s.name for s in suite_of(stored).scenarios] == [s.name for s in suite.scenarios]
     with pytest.raises(UserError, match="control_arm must be true or false"):
         load_suite_text('control_arm = "yes"\n' + GOOD, "t.toml")
+
+
+def test_a_repeats_override_survives_a_resume():
+    from dataclasses import replace
+
+    from dynamem.runner import suite_of
+    from dynamem.scenario import with_repeats
+
+    from .records import run_record
+
+    suite = with_repeats(with_repeats(load_suite_text(GOOD, "t.toml"), 5), 3)
+    assert suite.repeats == 3 and {s.repeats for s in suite.scenarios} == {3}
+    order = [c.id for c in cells_in_order(suite, 7)]
+    assert len(order) == 6
+    stored = replace(run_record(order, toml=suite.source), seed=7)
+    assert sorted(c.id for c in cells_in_order(suite_of(stored), 7)) == sorted(order)

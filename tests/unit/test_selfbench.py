@@ -106,3 +106,24 @@ def test_an_idle_guest_clock_in_icount_mode_is_not_compared():
     assert b.window_ratio("adaptive", "shrink") is None
     b.workload = "stress"
     assert b.window_ratio("adaptive", "shrink") is not None
+
+
+def test_determinism_lines_give_both_spreads_and_the_perturbation_ratio():
+    from dynamem.determinism import DeterminismBench, cv, determinism_lines, merge
+
+    parts = []
+    for k in range(5):
+        b = DeterminismBench("virtio-mem", 256 << 20, (), "tcg-icount", ("adaptive", "sparse"))
+        for arm, scale in (("adaptive", 1.02), ("sparse", 1.0)):
+            for d in ("shrink", "grow"):
+                b.add(b.guest_clock, arm, d, 0.2 * scale * (1 + 0.001 * k))
+                b.add(b.wall, arm, d, 1.0 + 0.1 * k)
+                b.add(b.sampler_cpu, arm, d, 0.0005)
+        parts.append(b)
+    merged = merge(parts)
+    assert len(merged.guest_clock["adaptive"]["shrink"]) == 5
+    assert cv([1.0]) != cv([1.0])  # nan for one value
+    text = "\n".join(determinism_lines(merged))
+    assert "CV  0.16% (n=5)" in text and "CV 13.18%" in text
+    assert "adaptive/sparse shrink guest-clock ratio 1.0200 [1.0200, 1.0200] 94% (n=5): " in text
+    assert "meets <= 1.05" in text and "0.50 M instr" in text

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from dynamem.errors import UserError
 from dynamem.paths import cache_dir, make_run_dir
+from dynamem.qemu.config import ICOUNT
 from dynamem.qemu.process import QemuProcess
 
 PROBE_SECONDS = 15.0
@@ -102,10 +103,17 @@ def choose(
     An explicit `kvm` is probed like `auto` (a KVM that cannot boot the guest kernel is
     refused in one line before anything starts) instead of failing inside QEMU later.
     """
-    if requested not in (None, "auto", "kvm", "tcg"):
-        raise UserError(f"unknown accelerator {requested!r} (choose from auto, kvm, tcg)")
+    if requested not in (None, "auto", "kvm", "tcg", ICOUNT):
+        raise UserError(f"unknown accelerator {requested!r} (choose from auto, kvm, tcg, {ICOUNT})")
     if requested == "tcg":
         return AccelChoice("tcg", "requested with --accel tcg")
+    if requested == ICOUNT:
+        return AccelChoice(
+            ICOUNT,
+            f"requested with --accel {ICOUNT}: single-threaded TCG, one guest instruction per "
+            "guest nanosecond, 1 vCPU; guest-clock figures are deterministic, wall-clock "
+            "ones are not meaningful",
+        )
     kvm_ok = os.access("/dev/kvm", os.R_OK | os.W_OK)
     if requested == "kvm" and not kvm_ok:
         raise UserError("--accel kvm requested but /dev/kvm is missing or not accessible")

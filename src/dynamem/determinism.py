@@ -1,0 +1,156 @@
+"""`dynamem selfbench determinism`: what the deterministic mode (tcg-icount) buys, measured.
+
+Under tcg-icount the guest's clock counts the instructions it ran, so a resize's guest-side
+duration should repeat across fresh boots where wall-clock times wander by tens of percent.
+This bench boots every mechanism's guest afresh `repeats` times (mechanisms interleaved,
+so host drift lands on all of them), does one unmeasured shrink and grow (the first plug's
+housekeeping is not what is timed), then a measured shrink and grow under each observer
+setting in a rotating order. It reports, per mechanism and direction, the coefficient of
+variation of the guest-clock duration beside that of the wall-clock host-side latency of
+the same resizes, and the harness's perturbation: the guest-clock duration watched as
+usual over the same watched as little as possible (`sparse`), as the median of the
+per-boot ratios with its order-statistic interval.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dynamem.errors import VMError
+from dynamem.units import format_size
+
+DIRECTIONS = ("shrink", "grow")
+
+
+@dataclass
+class DeterminismBench:
+    mechanism: str
+    size: int
+    kernel_args: tuple[str, ...]
+    accel: str
+    observers: tuple[str, ...]
+    # observer -> direction -> one value per fresh boot
+    guest_clock: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    wall: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    # observer -> direction -> the sampler's CPU from the request to the host-side outcome,
+    # seconds on the guest's clock (under tcg-icount: instructions / 1e9)
+    sampler_cpu: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    def add(self, table: dict[str, dict[str, list[float]]], arm: str, direction: str,
+            value: float | None) -> None:  # fmt: skip
+        if value is not None:
+            table.setdefault(arm, {}).setdefault(direction, []).append(value)
+
+
+def cv(values: list[float]) -> float:
+    """Sample standard deviation over the mean (nan below two values)."""
+    x = np.asarray(values, dtype=np.float64)
+    return float(x.std(ddof=1) / x.mean()) if len(x) > 1 and x.mean() else float("nan")
+
+
+def bench_determinism(
+    mechanism: str,
+    repeats: int,
+    size: int,
+    memory: int,
+    report: Callable[[str], None],
+    *,
+    observers: tuple[str, ...] = ("adaptive", "sparse"),
+    kernel_args: tuple[str, ...] = (),
+    boot_index: int = 0,
+    **vm_options: object,
+) -> DeterminismBench:
+    """`repeats` fresh guests of one mechanism, each measured under every observer (the
+    observers' order rotates with the boot's index, `boot_index` for the first)."""
+    from dynamem import mechanisms
+    from dynamem.cell import plan_for
+    from dynamem.observer import named
+    from dynamem.qemu.machine import VM
+    from dynamem.resize import resize
+    from dynamem.selfbench import _arm_order
+
+    for o in observers:
+        named(o)  # an unknown name fails before anything boots
+    plugs_first = mechanism == "dimm"
+    steps = [(-size, "shrink"), (size, "grow")]
+    if plugs_first:  # a DIMM guest can only remove what it plugged
+        steps.reverse()
+    out: DeterminismBench | None = None
+    for i in range(repeats):
+        mech = mechanisms.make(mechanism)
+        mplan = mech.plan(memory - size if plugs_first else memory, steps[0][0], None, None)
+        mech = mech.with_plan(mplan)
+        plan = plan_for(mech, mplan, kernel_args=kernel_args, **vm_options)
+        if out is None:
+            out = DeterminismBench(mechanism, size, kernel_args, plan.accel.accel, observers)
+        with VM(plan.config) as vm:
+            vm.start()
+            if mplan.prepare:
+                resize(vm, mech, mplan.prepare, observer="minimal")
+            for delta, _ in steps:  # warm-up, unmeasured
+                resize(vm, mech, delta, observer="minimal")
+            for arm in _arm_order(list(observers), boot_index + i):
+                for delta, direction in steps:
+                    r = resize(vm, mech, delta, observer=arm)
+                    if r.outcome != "ok":
+                        raise VMError(f"{mechanism} {arm} {direction}: {r.outcome} {r.message}")
+                    out.add(out.guest_clock, arm, direction, r.guest_clock_s)
+                    out.add(out.wall, arm, direction, r.host_latency_s)
+                    out.add(out.sampler_cpu, arm, direction, r.sampler_request_cpu_s)
+                    clock = "-" if r.guest_clock_s is None else f"{r.guest_clock_s * 1e3:.3f}"
+                    report(
+                        f"boot {i + 1}/{repeats} {mechanism:10} {arm:8} {direction:6} guest clock "
+                        f"{clock} ms, wall {(r.host_latency_s or 0) * 1e3:.1f} ms"
+                    )
+    assert out is not None
+    return out
+
+
+def merge(parts: list[DeterminismBench]) -> DeterminismBench:
+    """One mechanism's boots, measured one at a time (interleaved with other mechanisms)."""
+    out = DeterminismBench(parts[0].mechanism, parts[0].size, parts[0].kernel_args,
+                           parts[0].accel, parts[0].observers)  # fmt: skip
+    for p in parts:
+        for name in ("guest_clock", "wall", "sampler_cpu"):
+            for arm, by_dir in getattr(p, name).items():
+                for d, values in by_dir.items():
+                    for v in values:
+                        out.add(getattr(out, name), arm, d, v)
+    return out
+
+
+def determinism_lines(b: DeterminismBench) -> list[str]:
+    from dynamem.selfbench import median_ratio
+
+    args = f", kernel {' '.join(b.kernel_args)}" if b.kernel_args else ""
+    lines = [f"{b.mechanism}, {format_size(b.size)} ({b.accel}{args}):"]
+    for arm in b.observers:
+        for d in DIRECTIONS:
+            g, w = b.guest_clock.get(arm, {}).get(d, []), b.wall.get(arm, {}).get(d, [])
+            if not g:
+                lines.append(f"  {arm:8} {d:6} no guest-clock duration")
+                continue
+            cpu = b.sampler_cpu.get(arm, {}).get(d, [])
+            sampler = (
+                f"; sampler {np.median(cpu) * 1e3:.3f} ms ({np.median(cpu) * 1e3:.2f} M instr)"
+                if cpu else ""
+            )  # fmt: skip
+            lines.append(
+                f"  {arm:8} {d:6} guest clock median {np.median(g) * 1e3:9.3f} ms, CV "
+                f"{cv(g):6.2%} (n={len(g)}) | wall median {np.median(w) * 1e3:8.1f} ms, CV "
+                f"{cv(w):6.2%}{sampler}"
+            )
+    base = b.observers[-1]
+    for arm in b.observers[:-1]:
+        for d in DIRECTIONS:
+            a, c = b.guest_clock.get(arm, {}).get(d, []), b.guest_clock.get(base, {}).get(d, [])
+            if len(a) != len(c) or not a:
+                continue
+            r = median_ratio([x / y for x, y in zip(a, c, strict=True)])
+            verdict = "meets <= 1.05" if r.high <= 1.05 else "misses <= 1.05"
+            lines.append(
+                f"  {arm}/{base} {d:6} guest-clock ratio {r.median:.4f} "
+                f"[{r.low:.4f}, {r.high:.4f}] {r.level:.0%} (n={r.n}): {verdict}"
+            )
+    return lines
