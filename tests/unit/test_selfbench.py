@@ -119,6 +119,7 @@ def test_determinism_lines_give_both_spreads_and_the_perturbation_ratio():
                 b.add(b.guest_clock, arm, d, 0.2 * scale * (1 + 0.001 * k))
                 b.add(b.wall, arm, d, 1.0 + 0.1 * k)
                 b.add(b.sampler_cpu, arm, d, 0.0005)
+                b.add(b.sampler_window, arm, d, 0.1)
         parts.append(b)
     merged = merge(parts)
     assert len(merged.guest_clock["adaptive"]["shrink"]) == 5
@@ -126,4 +127,4 @@ def test_determinism_lines_give_both_spreads_and_the_perturbation_ratio():
     text = "\n".join(determinism_lines(merged))
     assert "CV  0.16% (n=5)" in text and "CV 13.18%" in text
     assert "adaptive/sparse shrink guest-clock ratio 1.0200 [1.0200, 1.0200] 94% (n=5): " in text
-    assert "meets <= 1.05" in text and "0.50 M instr" in text
+    assert "within 5%" in text and "0.50 M instr), 0.50% of the window: x1.0050" in text
