@@ -110,3 +110,21 @@ def test_conditions_that_differ_in_any_field_are_different_conditions():
     t = tidy([a, b, c])
     assert t.groupby("scenario").condition.first().nunique() == 3
     assert "init_on_alloc=0" in t[t.scenario == "b"].condition.iloc[0]
+
+
+def test_the_run_summary_shows_the_guest_clock_duration():
+    from dynamem.analysis.metrics import tidy
+
+    from dynamem.runner import summary_rows
+
+    from .records import quick_pair
+
+    cells = [quick_pair("s", k, 1.0) for k in (1, 2, 3)]
+    for c in cells:
+        c.steps[0].guest_clock_s = 0.0975
+    rows = summary_rows(tidy(cells), cells)
+    assert rows[0][5] == "guest clock ms"
+    shrink = next(r for r in rows if r[1] == "shrink 256M")
+    assert shrink[2] == "3/3" and shrink[5] == "97.5"
+    grow = next(r for r in rows if r[1] == "grow 256M")
+    assert grow[5] == "-"  # none recorded: no number made up
