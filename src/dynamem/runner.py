@@ -189,8 +189,18 @@ def run_suite(
     guest: str,
     report: Callable[[str], None] = print,
 ) -> list[CellRecord]:
-    """Run every cell of the store's run not yet completed; returns all cell records."""
+    """Run every cell of the store's run not yet completed; returns all cell records.
+
+    Every cell runs under the accelerator the run recorded (a resumed tcg-icount run must
+    not go on under plain TCG with its records still saying tcg-icount)."""
     run = store.run
+    recorded = run.metadata.accel
+    if accel_request not in (None, "auto", recorded):
+        raise UserError(
+            f"run {run.run_id} was recorded under {recorded}; --accel {accel_request} would mix "
+            f"accelerators in one run (resume with --accel {recorded} or auto)"
+        )
+    accel_request = recorded
     suite = suite_of(run)
     for problem in store.set_aside_invalid():
         report(f"unreadable cell record {problem}; set aside as .invalid, the cell runs again")

@@ -182,3 +182,16 @@ def test_a_run_directory_that_cannot_be_written_is_a_clean_error(tiny_fs):
 
 def test_quick_toml_fixture_is_a_valid_suite():
     assert len(load_suite_text(QUICK_TOML, "q").scenarios) == 2
+
+
+def test_a_run_resumes_only_under_the_accelerator_it_recorded(tmp_path):
+    import pytest
+
+    from dynamem import runner
+    from dynamem.errors import UserError
+
+    from .records import run_record
+
+    store = RunStore.create(tmp_path / "r", run_record(["balloon-idle-r1"], accel="tcg-icount"))
+    with pytest.raises(UserError, match="recorded under tcg-icount; --accel tcg would mix"):
+        runner.run_suite(store, accel_request="tcg", qemu="qemu-system-x86_64", guest="minimal")
