@@ -325,10 +325,11 @@ def thresholds(cache: Cache, history: dict[str, list[list[float]]]) -> dict[str,
     """
     out: dict[str, float] = {}
     for name, track in TRACKS.items():
-        resolution = METRICS[track.metric].resolution
+        metric = cache.metric_of(track)
+        resolution = METRICS[metric].resolution
         noise = night_to_night_noise(history.get(name, []), resolution)
         if noise is None:
-            noise = within_run_noise(cache, track.metric)
+            noise = within_run_noise(cache, metric)
         value = THRESHOLD_DEFAULT if noise is None else max(THRESHOLD_FLOOR, 2 * noise)
         out[rf".*\.track_{name}\b"] = round(min(value, 1.0), 3)
     # How many ok steps a value is of: informational (more is better, and `Failures`

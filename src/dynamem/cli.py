@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from dynamem import __version__
 from dynamem.errors import UserError
+from dynamem.qemu.config import ICOUNT
 from dynamem.units import format_size, parse_size
 
 if TYPE_CHECKING:
@@ -228,7 +229,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from dynamem.analysis import compare
     from dynamem.analysis.metrics import tidy
-    from dynamem.qemu.config import ICOUNT
     from dynamem.runner import format_table
     from dynamem.store import RunStore
 
@@ -282,7 +282,7 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     layout = nightly.Layout(args.root or nightly.default_root())
     runs: list[tuple[str, str]] = [] if args.raw else [(args.suite, args.accel)]
     if args.deterministic and not args.raw:
-        runs.append((args.deterministic, ICOUNT_ACCEL))  # its own asv machine
+        runs.append((args.deterministic, ICOUNT))  # its own asv machine
     for suite, _ in runs:
         load_suite(suite)  # a bad suite is refused before anything boots
     raws = [args.raw] if args.raw else []
@@ -294,7 +294,7 @@ def cmd_nightly(args: argparse.Namespace) -> int:
             ))  # fmt: skip
         raw = raws[-1]
         main = str(Path(args.suite).resolve()) if Path(args.suite).suffix else args.suite
-        frame = main if accel == ICOUNT_ACCEL and suite != args.suite else None
+        frame = main if accel == ICOUNT and suite != args.suite else None
         result = nightly.record(raw, layout, frame)
         for cell in result.cells_failed:
             print(f"cell {cell} failed (see {raw / 'cells' / cell}.json)", file=sys.stderr)
@@ -374,40 +374,19 @@ def cmd_bench_resize(args: argparse.Namespace) -> int:
     return 0
 
 
-ICOUNT_ACCEL = "tcg-icount"
-
-
 def cmd_bench_determinism(args: argparse.Namespace) -> int:
     from dynamem.determinism import bench_determinism, determinism_lines
 
-    if args.accel != ICOUNT_ACCEL:
+    if args.accel != ICOUNT:
         print(f"note: --accel {args.accel}: guest-clock durations follow the host there",
               file=sys.stderr)  # fmt: skip
-    mechs = args.mechanism.split(",")
-    found: dict[str, list[object]] = {m: [] for m in mechs}
-    for i in range(args.repeats):  # mechanisms interleaved: host drift lands on all of them
-        for m in mechs:
-            found[m].append(
-                bench_determinism(
-                    m,
-                    1,
-                    args.size,
-                    args.memory,
-                    print,
-                    observers=tuple(args.observers.split(",")),
-                    boot_index=i,
-                    kernel_args=tuple(args.kernel_arg),
-                    cpus=1,
-                    cpu=args.cpu,
-                    accel_request=args.accel,
-                    qemu=args.qemu,
-                    guest=args.guest,
-                )  # fmt: skip
-            )
-    from dynamem.determinism import merge
-
-    for m in mechs:
-        print("\n".join(determinism_lines(merge(found[m]))))  # type: ignore[arg-type]
+    benches = bench_determinism(
+        args.mechanism.split(","), args.repeats, args.size, args.memory, print,
+        observers=tuple(args.observers.split(",")), kernel_args=tuple(args.kernel_arg),
+        cpus=1, cpu=args.cpu, accel_request=args.accel, qemu=args.qemu, guest=args.guest,
+    )  # fmt: skip
+    for b in benches.values():
+        print("\n".join(determinism_lines(b)))
     return 0
 
 
@@ -730,7 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
         "perturbation, in the deterministic mode",
     )
     _vm_options(p)
-    p.set_defaults(accel=ICOUNT_ACCEL, memory=1 << 30)
+    p.set_defaults(accel=ICOUNT, memory=1 << 30)
     p.add_argument("--mechanism", default="balloon,dimm,virtio-mem")
     p.add_argument("--size", type=_size, default="256M")
     p.add_argument("--repeats", type=_positive_int, default=5, help="fresh boots per mechanism")

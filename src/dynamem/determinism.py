@@ -56,7 +56,7 @@ def cv(values: list[float]) -> float:
 
 
 def bench_determinism(
-    mechanism: str,
+    mechanisms: list[str],
     repeats: int,
     size: int,
     memory: int,
@@ -64,67 +64,72 @@ def bench_determinism(
     *,
     observers: tuple[str, ...] = ("adaptive", "sparse"),
     kernel_args: tuple[str, ...] = (),
-    boot_index: int = 0,
     **vm_options: object,
-) -> DeterminismBench:
-    """`repeats` fresh guests of one mechanism, each measured under every observer (the
-    observers' order rotates with the boot's index, `boot_index` for the first)."""
+) -> dict[str, DeterminismBench]:
+    """`repeats` fresh guests of each mechanism, mechanisms interleaved (host drift lands on
+    all of them), each guest measured under every observer in an order rotating per boot."""
+    from dynamem.observer import named
+
+    for o in observers:
+        named(o)  # an unknown name fails before anything boots
+    out: dict[str, DeterminismBench] = {}
+    for i in range(repeats):
+        for mechanism in mechanisms:
+            _boot(out, mechanism, i, repeats, size, memory, report, observers, kernel_args,
+                  vm_options)  # fmt: skip
+    return out
+
+
+def _boot(
+    out: dict[str, DeterminismBench],
+    mechanism: str,
+    i: int,
+    repeats: int,
+    size: int,
+    memory: int,
+    report: Callable[[str], None],
+    observers: tuple[str, ...],
+    kernel_args: tuple[str, ...],
+    vm_options: dict[str, object],
+) -> None:
+    """One fresh guest of `mechanism`: an unmeasured shrink and grow, then each observer's."""
     from dynamem import mechanisms
     from dynamem.cell import plan_for
-    from dynamem.observer import named
     from dynamem.qemu.machine import VM
     from dynamem.resize import resize
     from dynamem.selfbench import _arm_order
 
-    for o in observers:
-        named(o)  # an unknown name fails before anything boots
     plugs_first = mechanism == "dimm"
     steps = [(-size, "shrink"), (size, "grow")]
     if plugs_first:  # a DIMM guest can only remove what it plugged
         steps.reverse()
-    out: DeterminismBench | None = None
-    for i in range(repeats):
-        mech = mechanisms.make(mechanism)
-        mplan = mech.plan(memory - size if plugs_first else memory, steps[0][0], None, None)
-        mech = mech.with_plan(mplan)
-        plan = plan_for(mech, mplan, kernel_args=kernel_args, **vm_options)
-        if out is None:
-            out = DeterminismBench(mechanism, size, kernel_args, plan.accel.accel, observers)
-        with VM(plan.config) as vm:
-            vm.start()
-            if mplan.prepare:
-                resize(vm, mech, mplan.prepare, observer="minimal")
-            for delta, _ in steps:  # warm-up, unmeasured
-                resize(vm, mech, delta, observer="minimal")
-            for arm in _arm_order(list(observers), boot_index + i):
-                for delta, direction in steps:
-                    r = resize(vm, mech, delta, observer=arm)
-                    if r.outcome != "ok":
-                        raise VMError(f"{mechanism} {arm} {direction}: {r.outcome} {r.message}")
-                    out.add(out.guest_clock, arm, direction, r.guest_clock_s)
-                    out.add(out.wall, arm, direction, r.host_latency_s)
-                    out.add(out.sampler_cpu, arm, direction, r.sampler_request_cpu_s)
-                    out.add(out.sampler_window, arm, direction, r.sampler_request_window_s)
-                    clock = "-" if r.guest_clock_s is None else f"{r.guest_clock_s * 1e3:.3f}"
-                    report(
-                        f"boot {i + 1}/{repeats} {mechanism:10} {arm:8} {direction:6} guest clock "
-                        f"{clock} ms, wall {(r.host_latency_s or 0) * 1e3:.1f} ms"
-                    )
-    assert out is not None
-    return out
-
-
-def merge(parts: list[DeterminismBench]) -> DeterminismBench:
-    """One mechanism's boots, measured one at a time (interleaved with other mechanisms)."""
-    out = DeterminismBench(parts[0].mechanism, parts[0].size, parts[0].kernel_args,
-                           parts[0].accel, parts[0].observers)  # fmt: skip
-    for p in parts:
-        for name in ("guest_clock", "wall", "sampler_cpu", "sampler_window"):
-            for arm, by_dir in getattr(p, name).items():
-                for d, values in by_dir.items():
-                    for v in values:
-                        out.add(getattr(out, name), arm, d, v)
-    return out
+    mech = mechanisms.make(mechanism)
+    mplan = mech.plan(memory - size if plugs_first else memory, steps[0][0], None, None)
+    mech = mech.with_plan(mplan)
+    plan = plan_for(mech, mplan, kernel_args=kernel_args, **vm_options)
+    b = out.setdefault(
+        mechanism, DeterminismBench(mechanism, size, kernel_args, plan.accel.accel, observers)
+    )
+    with VM(plan.config) as vm:
+        vm.start()
+        if mplan.prepare:
+            resize(vm, mech, mplan.prepare, observer="minimal")
+        for delta, _ in steps:  # warm-up, unmeasured
+            resize(vm, mech, delta, observer="minimal")
+        for arm in _arm_order(list(observers), i):
+            for delta, direction in steps:
+                r = resize(vm, mech, delta, observer=arm)
+                if r.outcome != "ok":
+                    raise VMError(f"{mechanism} {arm} {direction}: {r.outcome} {r.message}")
+                b.add(b.guest_clock, arm, direction, r.guest_clock_s)
+                b.add(b.wall, arm, direction, r.host_latency_s)
+                b.add(b.sampler_cpu, arm, direction, r.sampler_request_cpu_s)
+                b.add(b.sampler_window, arm, direction, r.sampler_request_window_s)
+                clock = "-" if r.guest_clock_s is None else f"{r.guest_clock_s * 1e3:.3f}"
+                report(
+                    f"boot {i + 1}/{repeats} {mechanism:10} {arm:8} {direction:6} guest clock "
+                    f"{clock} ms, wall {(r.host_latency_s or 0) * 1e3:.1f} ms"
+                )
 
 
 def determinism_lines(b: DeterminismBench) -> list[str]:

@@ -439,20 +439,17 @@ def load_suite(name_or_path: str) -> Suite:
     return load_suite_text(path.read_text(), str(path))
 
 
-def with_control_arm(suite: Suite) -> Suite:
-    """The suite with `control_arm = true`: its text says so too, so a resumed run (which
+def _with_top_key(suite: Suite, key: str, value: str) -> Suite:
+    """The suite with a top-level `key = value` in its text too, so a resumed run (which
     re-reads the stored text) plans the same cells."""
-    line = re.compile(r"^control_arm\s*=.*$", re.MULTILINE)
-    if line.search(suite.source):
-        text = line.sub("control_arm = true", suite.source)
-    else:
-        text = "control_arm = true\n" + suite.source
-    return load_suite_text(text, suite.name)
+    text = re.sub(rf"^{key}\s*=.*$\n?", "", suite.source, flags=re.MULTILINE)
+    return load_suite_text(f"{key} = {value}\n" + text, suite.name)
+
+
+def with_control_arm(suite: Suite) -> Suite:
+    return _with_top_key(suite, "control_arm", "true")
 
 
 def with_repeats(suite: Suite, repeats: int) -> Suite:
-    """Every scenario `repeats` times; the text says so too (`force_repeats`), so a resumed
-    run, which re-reads the stored text, plans the same cells."""
-    line = re.compile(r"^force_repeats\s*=.*$", re.MULTILINE)
-    text = line.sub("", suite.source)
-    return load_suite_text(f"force_repeats = {int(repeats)}\n" + text, suite.name)
+    """Every scenario `repeats` times (`force_repeats` overrides scenarios' own counts)."""
+    return _with_top_key(suite, "force_repeats", str(int(repeats)))
