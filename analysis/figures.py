@@ -124,9 +124,10 @@ def latency_vs_size(
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(
-            f"{direction}: guest-side duration, guest clock"
-            if metric == "latency_guest_clock_s"
-            else f"{direction}: request to guest-visible completion"
+            {
+                "latency_guest_driver_s": f"{direction}: driver entry to completion, guest clock",
+                "latency_guest_clock_s": f"{direction}: guest-side duration, guest clock",
+            }.get(metric, f"{direction}: request to guest-visible completion")
         )
         ax.set_xlabel("size of the step (MiB, log)")
         ax.set_ylabel(f"latency (s, log); median and interval\n({_level_note(part)})")

@@ -24,7 +24,16 @@ from dynamem.record import CellRecord, FreeStep, OomStep, RebootStep
 from dynamem.store import RunStore
 
 from . import figures as F
-from .metrics import CONDITION_COLUMNS, METRICS, MiB, outcome_counts, resize_steps, tidy, usable
+from .metrics import (
+    CONDITION_COLUMNS,
+    METRICS,
+    MiB,
+    driver_or_look,
+    outcome_counts,
+    resize_steps,
+    tidy,
+    usable,
+)
 from .stats import cliffs_delta, group_stats, hodges_lehmann, holm, mad_outliers, mann_whitney_p
 
 ALPHA = 0.05
@@ -39,10 +48,12 @@ INTERVAL = (
 ICOUNT_NOTE = (
     "**Deterministic mode (tcg-icount).** The guest's clock counts the instructions it ran "
     "(one per nanosecond; an idle guest's clock jumps to its next timer), so latency here is "
-    "the guest-side duration on the guest's clock, from the last look that saw no change to "
-    "the look that saw completion. It excludes the work done on the host (QEMU's discards, "
-    "the host kernel's page freeing) and the time until the guest reacted to the request, so "
-    "it complements wall-clock results on a KVM or TCG run and never replaces them. "
+    "the guest-side duration on the guest's clock: from the moment the mechanism's driver "
+    "took the request (its entry function, stamped by the guest's function tracer) to the "
+    "sampler's look that saw completion; where a guest traced no entry, from the last look "
+    "that saw no change. It excludes the work done on the host (QEMU's discards, the host "
+    "kernel's page freeing) and the time the request took to reach the guest, so it "
+    "complements wall-clock results on a KVM or TCG run and never replaces them. "
     "Wall-clock fields are recorded but not meaningful in this mode: every guest timer and "
     "I/O exit runs in one host thread."
 )
@@ -84,7 +95,9 @@ class Report:
     def latency(self) -> str:
         """The latency every view of this run uses: guest-visible wall clock, or under
         tcg-icount the guest-side duration on the guest's clock."""
-        return "latency_guest_clock_s" if self.icount else "latency_guest_s"
+        if not self.icount:
+            return "latency_guest_s"
+        return driver_or_look(self.table)
 
     def cid(self, condition: str) -> str:
         return self.conditions.get(condition, "C?")

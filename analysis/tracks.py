@@ -34,7 +34,7 @@ from dynamem.errors import UserError
 from dynamem.qemu.config import ICOUNT
 from dynamem.scenario import Suite, load_suite, load_suite_text
 
-from .metrics import METRICS, MiB, cell_outcomes, outcome_counts, tidy, usable
+from .metrics import METRICS, MiB, cell_outcomes, driver_or_look, outcome_counts, tidy, usable
 from .stats import group_stats
 
 ENV_RAW = "DYNAMEM_ASV_RAW"  # a finished raw run directory to read instead of booting
@@ -173,7 +173,7 @@ class Cache:
         """Under tcg-icount a latency track is the guest-clock duration: its wall-clock
         latency is not meaningful there."""
         if self.accel == ICOUNT and track.metric == "latency_guest_s":
-            return "latency_guest_clock_s"
+            return driver_or_look(self.table)
         return track.metric
 
 

@@ -1,5 +1,6 @@
 """Parsers for what the guest kernel prints (pure; fixtures captured from real guests)."""
 
+import re
 from collections import Counter
 
 
@@ -70,3 +71,23 @@ def parse_kmsg(text: str) -> list[str]:
         usec = int(fields[2])
         lines.append(f"[{usec // 1_000_000:5d}.{usec % 1_000_000:06d}] {message}")
     return lines
+
+
+_FTRACE_LINE = re.compile(r"\[\d+\]\s+\S+\s+(\d+)\.(\d+):\s+(\w+)\b")
+
+
+def parse_ftrace(text: str) -> list[tuple[int, str, str]]:
+    """The function tracer's `trace` file -> (timestamp ns, function, line) per event.
+
+    Timestamps are on the trace clock the guest chose (`mono`: CLOCK_MONOTONIC), printed
+    in microseconds for that clock; task names may hold spaces, so a line is read from its
+    CPU field on."""
+    events = []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        m = _FTRACE_LINE.search(line)
+        if m:
+            sec, frac, func = m.groups()
+            events.append((int(sec) * 10**9 + int(frac.ljust(9, "0")[:9]), func, line.strip()))
+    return events

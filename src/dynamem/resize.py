@@ -24,7 +24,13 @@ from dynamem.channel import Calibration, Sample
 from dynamem.errors import UserError
 from dynamem.mechanisms.base import CapabilityLimit, Mechanism, Request
 from dynamem.observer import DEFAULT, Observer, bound_target, named
-from dynamem.parsers import hotplug_log_lines, parse_kmsg, parse_memblocks, summarize_memblocks
+from dynamem.parsers import (
+    hotplug_log_lines,
+    parse_ftrace,
+    parse_kmsg,
+    parse_memblocks,
+    summarize_memblocks,
+)
 from dynamem.probes import host as hostprobe
 from dynamem.probes.cost import GUEST_FILES, MEMINFO_KEYS, VMSTAT_KEYS, guest_cost, host_cost
 from dynamem.probes.guestmem import parse_vmstat
@@ -44,6 +50,9 @@ __all__ = ["OUTCOMES", "ResizeResult", "resize"]
 # after the outcome idle and 55 ms beside stress 1500M (n=10 and 5). 5 s leaves a busy or
 # slow host fifty times that before a guest that never reacts is judged as it is.
 REACTION_S = 5.0
+# The guest's function tracer (see the minimal guest's boot script): driver entries, stamped
+# on the guest's CLOCK_MONOTONIC.
+TRACE = "/sys/kernel/tracing/trace"
 
 
 def guest_signal(mech: Mechanism, columns: tuple[str, ...], samples: list[Sample]) -> np.ndarray:
@@ -241,8 +250,11 @@ def resize(
     if res.t_host_done_ns is not None:
         # The target was reached after the previous poll read QEMU's state (or the request).
         res.host_bound_s = (res.t_host_done_ns - ([t_req, *poll_times])[-2]) / 1e9
-    _guest_view(mech, ch.columns, samples, res, cal, obs.watch_during)
-    guest_after = ch.snapshot(list(GUEST_FILES))
+    guest_after = ch.snapshot([*GUEST_FILES, TRACE])
+    entry = driver_entry(mech, guest_after.pop(TRACE), clock_before)
+    if entry is not None:
+        res.guest_driver_trace = [entry[1]]
+    _guest_view(mech, ch.columns, samples, res, cal, obs.watch_during, entry and entry[0])
     host_after = hostprobe.snapshot(vm.pid)
     if mech.name == "balloon":
         res.guest_balloon_delta_bytes = (
@@ -382,6 +394,7 @@ def _guest_view(
     res: ResizeResult,
     cal: Calibration | None,
     timed: bool,
+    driver_ns: int | None = None,
 ) -> None:
     if not samples:
         return
@@ -405,6 +418,8 @@ def _guest_view(
         # that saw completion. Under tcg-icount this counts the guest's instructions (and
         # its idle waits, which jump to its next timer), not the host's work.
         res.guest_clock_s = (samples[idx].guest_ns - samples[base + first].prev_guest_ns) / 1e9
+    if idx is not None and driver_ns is not None and samples[idx].guest_ns > driver_ns:
+        res.guest_driver_s = (samples[idx].guest_ns - driver_ns) / 1e9
     if idx is not None:
         res.t_guest_done_ns = int(arrivals[idx])
         res.guest_latency_s = (res.t_guest_done_ns - res.t_request_ns) / 1e9
@@ -413,6 +428,15 @@ def _guest_view(
         if cal is not None:
             res.guest_bound_s = late_bound(res.guest_look_gap_s, cal)
         res.guest_bound_target_s = bound_target(res.guest_latency_s)
+
+
+def driver_entry(mech: Mechanism, trace: str, after_ns: int) -> tuple[int, str] | None:
+    """The first time (guest clock, ns) the mechanism's driver entry ran after `after_ns`,
+    with its trace line; None when the guest traced none (no tracer, or no request)."""
+    for ns, func, line in parse_ftrace(trace):
+        if func == mech.driver_entry and ns > after_ns:
+            return ns, line
+    return None
 
 
 def late_bound(look_gap_s: float, cal: Calibration) -> float:

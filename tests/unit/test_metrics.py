@@ -128,3 +128,22 @@ def test_the_run_summary_shows_the_guest_clock_duration():
     assert shrink[2] == "3/3" and shrink[5] == "97.5"
     grow = next(r for r in rows if r[1] == "grow 256M")
     assert grow[5] == "-"  # none recorded: no number made up
+
+
+def test_the_run_summary_prefers_the_duration_from_the_drivers_entry():
+    from dynamem.analysis.metrics import driver_or_look, tidy
+
+    from dynamem.runner import summary_rows
+
+    from .records import quick_pair
+
+    cells = [quick_pair("s", k, 1.0) for k in (1, 2, 3)]
+    for c in cells:
+        c.steps[0].guest_clock_s, c.steps[0].guest_driver_s = 0.0975, 0.1205
+    table = tidy(cells)
+    assert driver_or_look(table) == "latency_guest_driver_s"
+    shrink = next(r for r in summary_rows(table, cells) if r[1] == "shrink 256M")
+    assert shrink[5] == "120.5"
+    for c in cells:
+        c.steps[0].guest_driver_s = None
+    assert driver_or_look(tidy(cells)) == "latency_guest_clock_s"

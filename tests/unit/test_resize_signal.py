@@ -184,3 +184,45 @@ def test_a_real_virtio_mem_shrink_under_stress_reads_back_as_recorded():
     # one-sided: the completing look is after the look before it, both after the request
     done = samples[-1]
     assert done.prev_guest_ns < done.guest_ns
+
+
+# -- the guest-side duration from the driver's entry (issue 14) --------------------------------
+
+
+def test_the_guest_tracer_stamps_each_mechanisms_driver_entry():
+    """A `trace` file of the minimal guest: its header, and the entry lines traced during a
+    virtio-mem shrink, a balloon shrink and a DIMM grow (tcg-icount, 1 GiB)."""
+    from dynamem.mechanisms import Dimm
+    from dynamem.parsers import parse_ftrace
+    from dynamem.resize import driver_entry
+
+    text = (FIXTURES / "guest-ftrace.txt").read_text()
+    events = parse_ftrace(text)
+    assert [(ns, f) for ns, f, _ in events] == [
+        (3_160_489_000, "virtballoon_changed"),
+        (3_192_203_000, "acpi_hotplug_schedule"),
+        (108_128_293_000, "virtio_mem_config_changed"),
+    ]
+    ns, line = driver_entry(VirtioMem(), text, after_ns=100 * 10**9)
+    assert ns == 108_128_293_000 and line.startswith("dynamem-sampler-121")
+    assert driver_entry(Dimm(), text, after_ns=3_100_000_000)[0] == 3_192_203_000
+    # an entry before the request belongs to an earlier resize
+    assert driver_entry(Balloon(), text, after_ns=3_160_489_000) is None
+    assert driver_entry(Balloon(), "", after_ns=0) is None  # a guest without the tracer
+
+
+def test_the_driver_duration_runs_from_the_entry_to_the_completing_look():
+    samples = sparse(
+        [
+            (1_000 * MS, 1, 500 * MS, 500 * MS, 2, 1_000_000),
+            (1_480 * MS, 40, 980 * MS, 972 * MS, 1, 1_131_072),
+        ]
+    )
+    res = ResizeResult("virtio-mem", "sbm", "grow", 128 << 20, t_request_ns=1_010 * MS)
+    _guest_view(VirtioMem(), BASE_COLUMNS, samples, res, None, timed=True, driver_ns=900 * MS)
+    assert res.guest_driver_s == pytest.approx(0.080)
+    assert res.guest_clock_s == pytest.approx(0.008)  # from the last look that saw nothing
+    # no entry traced: no number made up
+    res = ResizeResult("virtio-mem", "sbm", "grow", 128 << 20, t_request_ns=1_010 * MS)
+    _guest_view(VirtioMem(), BASE_COLUMNS, samples, res, None, timed=True)
+    assert res.guest_driver_s is None

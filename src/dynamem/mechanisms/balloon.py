@@ -20,6 +20,7 @@ PAGE = 4096
 
 class Balloon(Mechanism):
     name = "balloon"
+    driver_entry = "virtballoon_changed"  # the config-change interrupt: a new target size
 
     def __init__(self, deflate_on_oom: bool = False, free_page_reporting: bool = False) -> None:
         super().__init__()

@@ -126,6 +126,12 @@ class Mechanism(abc.ABC):
         sysinfo, cheap) or "balloon" (pages in the balloon, from /proc/vmstat, costly)."""
         return "totalram"
 
+    # The guest kernel function that first sees this mechanism's request: the guest's
+    # function tracer stamps it on the guest's clock (the minimal guest's boot script
+    # traces these), so a guest-side duration can start where the guest's work starts.
+    # "" for none.
+    driver_entry: ClassVar[str] = ""
+
     @property
     def variant(self) -> str:
         return "default"

@@ -69,6 +69,8 @@ def event_refusal(event: dict[str, Any], pending: list[str]) -> tuple[str, str] 
 
 class Dimm(Mechanism):
     name = "dimm"
+    # the ACPI Notify (device check, eject request) handed to the hotplug worker
+    driver_entry = "acpi_hotplug_schedule"
 
     def __init__(self, dimm_size: int = 128 * MiB) -> None:
         super().__init__()
