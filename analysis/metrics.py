@@ -135,7 +135,7 @@ METRICS: dict[str, Metric] = {
                lambda c, s: s.guest_latency_s, 0.002),
         Metric("latency_guest_clock_s", "guest-side duration (guest clock)", "s", "lower",
                lambda c, s: s.guest_clock_s, 0.0005),
-        Metric("latency_guest_driver_s", "guest-side duration from the driver (guest clock)",
+        Metric("latency_guest_driver_s", "driver entry to end of its work (guest clock)",
                "s", "lower", lambda c, s: s.guest_driver_s, 0.0005),
         Metric("succeeded", "ok step of an ok cell", "share", "higher", _succeeded, 0.0,
                kind="outcome"),

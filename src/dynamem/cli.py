@@ -375,18 +375,26 @@ def cmd_bench_resize(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_determinism(args: argparse.Namespace) -> int:
-    from dynamem.determinism import bench_determinism, determinism_lines
+    from dynamem.determinism import DeterminismBench, bench_determinism, determinism_lines
 
     if args.accel != ICOUNT:
         print(f"note: --accel {args.accel}: guest-clock durations follow the host there",
               file=sys.stderr)  # fmt: skip
-    benches = bench_determinism(
-        args.mechanism.split(","), args.repeats, args.size, args.memory, print,
-        observers=tuple(args.observers.split(",")), kernel_args=tuple(args.kernel_arg),
-        cpus=1, cpu=args.cpu, accel_request=args.accel, qemu=args.qemu, guest=args.guest,
-    )  # fmt: skip
-    for b in benches.values():
-        print("\n".join(determinism_lines(b)))
+    benches: dict[str, DeterminismBench] = {}
+    try:
+        bench_determinism(
+            args.mechanism.split(","), args.repeats, args.size, args.memory, print,
+            observers=tuple(args.observers.split(",")), kernel_args=tuple(args.kernel_arg),
+            out=benches, cpus=1, cpu=args.cpu, accel_request=args.accel, qemu=args.qemu,
+            guest=args.guest,
+        )  # fmt: skip
+    except BaseException:
+        if benches:  # what was measured before the failure is still printed
+            print("PARTIAL: a boot failed; the figures below are the boots done before it")
+        raise
+    finally:
+        for b in benches.values():
+            print("\n".join(determinism_lines(b)))
     return 0
 
 

@@ -13,7 +13,10 @@ the duration grows by 1 / (1 - its share)), and side by side, the guest-clock du
 watched as usual over the same watched as little as possible (`sparse`), as the median of
 the per-boot ratios with its order-statistic interval. The side-by-side ratio is only as
 fine as the coarser arm's looks: a duration is stamped from the last look that saw no
-change, so a look every 50 ms adds up to 50 ms to the baseline.
+change, so a look every 50 ms adds up to 50 ms to the baseline. Each resize also gets the
+duration from the driver's entry to the end of its work, stamped by the guest's function
+tracer (for the balloon, to the look that saw completion); where every boot has it, the
+side-by-side ratio uses it.
 """
 
 from collections.abc import Callable
@@ -66,15 +69,18 @@ def bench_determinism(
     *,
     observers: tuple[str, ...] = ("adaptive", "sparse"),
     kernel_args: tuple[str, ...] = (),
+    out: dict[str, DeterminismBench] | None = None,
     **vm_options: object,
 ) -> dict[str, DeterminismBench]:
     """`repeats` fresh guests of each mechanism, mechanisms interleaved (host drift lands on
-    all of them), each guest measured under every observer in an order rotating per boot."""
+    all of them), each guest measured under every observer in an order rotating per boot.
+    Results accumulate in `out` as they are measured, so a caller keeps them when a later
+    boot fails."""
     from dynamem.observer import named
 
     for o in observers:
         named(o)  # an unknown name fails before anything boots
-    out: dict[str, DeterminismBench] = {}
+    out = {} if out is None else out
     for i in range(repeats):
         for mechanism in mechanisms:
             _boot(out, mechanism, i, repeats, size, memory, report, observers, kernel_args,

@@ -18,7 +18,8 @@ Format history (the `format` key of `run.json` and of every cell record):
   format 2 on load, so every run ever written still loads. Later additions to format 2
   are optional fields that older format-2 records load without: `guest_clock_s` (the
   guest-side duration on the guest's clock), the accelerator `tcg-icount`, and
-  `guest_driver_s` / `guest_driver_trace` (the same duration from the driver's entry).
+  `guest_driver_s` / `guest_driver_end` / `guest_driver_trace` (the same duration from the
+  driver's entry to the kernel's stamp of the last change, or to the look).
 """
 
 import dataclasses
@@ -182,11 +183,14 @@ class ResizeRecord(_Record):
     # guest clock: the last look before the first change to the look that saw completion
     # (the guest-side duration; deterministic under tcg-icount)
     guest_clock_s: float | None = None
-    # guest clock: the mechanism's driver entry (the guest's function tracer) to the look
-    # that saw completion: the guest-side duration from where the guest's work starts,
-    # including what it does before MemTotal first moves (virtio-mem allocates and may
-    # zero a whole range first). The traced line is kept in `guest_driver_trace`.
+    # guest clock: the mechanism's driver entry (the guest's function tracer) to the end of
+    # its work: the guest-side duration from where the guest's work starts, including what
+    # it does before MemTotal first moves (virtio-mem allocates and may zero a whole range
+    # first). It ends at the kernel's stamp of the last memory block's change (hotplug:
+    # `guest_driver_end` "kernel") or at the look that saw completion ("look": the balloon).
+    # The traced lines are kept in `guest_driver_trace`.
     guest_driver_s: float | None = None
+    guest_driver_end: Literal["kernel", "look"] | None = None
     guest_driver_trace: list[str] = field(default_factory=list)
     reaction_allowance_s: float | None = None  # how long a first change was waited for
     settle_quiet_s: float | None = None  # quiet period that ended the watch

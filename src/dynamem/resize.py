@@ -15,7 +15,7 @@ polls and the guest looks is the `Observer` (dynamem.observer), recorded with ea
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -251,10 +251,9 @@ def resize(
         # The target was reached after the previous poll read QEMU's state (or the request).
         res.host_bound_s = (res.t_host_done_ns - ([t_req, *poll_times])[-2]) / 1e9
     guest_after = ch.snapshot([*GUEST_FILES, TRACE])
-    entry = driver_entry(mech, guest_after.pop(TRACE), clock_before)
-    if entry is not None:
-        res.guest_driver_trace = [entry[1]]
-    _guest_view(mech, ch.columns, samples, res, cal, obs.watch_during, entry and entry[0])
+    span = driver_span(mech, guest_after.pop(TRACE), clock_before)
+    res.guest_driver_trace = span.lines
+    _guest_view(mech, ch.columns, samples, res, cal, obs.watch_during, span)
     host_after = hostprobe.snapshot(vm.pid)
     if mech.name == "balloon":
         res.guest_balloon_delta_bytes = (
@@ -394,7 +393,7 @@ def _guest_view(
     res: ResizeResult,
     cal: Calibration | None,
     timed: bool,
-    driver_ns: int | None = None,
+    span: "DriverSpan | None" = None,
 ) -> None:
     if not samples:
         return
@@ -418,8 +417,13 @@ def _guest_view(
         # that saw completion. Under tcg-icount this counts the guest's instructions (and
         # its idle waits, which jump to its next timer), not the host's work.
         res.guest_clock_s = (samples[idx].guest_ns - samples[base + first].prev_guest_ns) / 1e9
-    if idx is not None and driver_ns is not None and samples[idx].guest_ns > driver_ns:
-        res.guest_driver_s = (samples[idx].guest_ns - driver_ns) / 1e9
+    if idx is not None and span is not None and span.entry_ns is not None:
+        # ends at the kernel's stamp of the last block's change where the mechanism has one
+        # (the look that saw it only confirms it), else at the look that saw completion
+        end = span.done_ns if span.done_ns is not None else samples[idx].guest_ns
+        if end > span.entry_ns:
+            res.guest_driver_s = (end - span.entry_ns) / 1e9
+            res.guest_driver_end = "kernel" if span.done_ns is not None else "look"
     if idx is not None:
         res.t_guest_done_ns = int(arrivals[idx])
         res.guest_latency_s = (res.t_guest_done_ns - res.t_request_ns) / 1e9
@@ -430,13 +434,26 @@ def _guest_view(
         res.guest_bound_target_s = bound_target(res.guest_latency_s)
 
 
-def driver_entry(mech: Mechanism, trace: str, after_ns: int) -> tuple[int, str] | None:
-    """The first time (guest clock, ns) the mechanism's driver entry ran after `after_ns`,
-    with its trace line; None when the guest traced none (no tracer, or no request)."""
-    for ns, func, line in parse_ftrace(trace):
-        if func == mech.driver_entry and ns > after_ns:
-            return ns, line
-    return None
+@dataclass(frozen=True)
+class DriverSpan:
+    """What the guest's function tracer saw of one request (guest clock, ns): the driver's
+    first entry after the request and the last `driver_done` call after it, with their
+    trace lines; None where nothing was traced (no tracer, no request, no such function)."""
+
+    entry_ns: int | None = None
+    done_ns: int | None = None
+    lines: list[str] = field(default_factory=list)
+
+
+def driver_span(mech: Mechanism, trace: str, after_ns: int) -> DriverSpan:
+    events = [e for e in parse_ftrace(trace) if e[0] > after_ns]
+    entry = next((e for e in events if e[1] == mech.driver_entry), None)
+    if entry is None:
+        return DriverSpan()
+    done = [e for e in events if e[1] == mech.driver_done and e[0] > entry[0]]
+    if not mech.driver_done or not done:
+        return DriverSpan(entry[0], None, [entry[2]])
+    return DriverSpan(entry[0], done[-1][0], [entry[2], done[-1][2]])
 
 
 def late_bound(look_gap_s: float, cal: Calibration) -> float:

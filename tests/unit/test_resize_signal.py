@@ -189,40 +189,47 @@ def test_a_real_virtio_mem_shrink_under_stress_reads_back_as_recorded():
 # -- the guest-side duration from the driver's entry (issue 14) --------------------------------
 
 
-def test_the_guest_tracer_stamps_each_mechanisms_driver_entry():
-    """A `trace` file of the minimal guest: its header, and the entry lines traced during a
-    virtio-mem shrink, a balloon shrink and a DIMM grow (tcg-icount, 1 GiB)."""
+def test_the_guest_tracer_spans_the_drivers_work():
+    """The minimal guest's `trace` file after a virtio-mem grow (the preparation) and a
+    measured 256 MiB shrink, and after a DIMM grow of two 128 MiB DIMMs (tcg-icount)."""
     from dynamem.mechanisms import Dimm
     from dynamem.parsers import parse_ftrace
-    from dynamem.resize import driver_entry
+    from dynamem.resize import DriverSpan, driver_span
 
-    text = (FIXTURES / "guest-ftrace.txt").read_text()
+    text = (FIXTURES / "guest-ftrace-virtio-mem.txt").read_text()
     events = parse_ftrace(text)
-    assert [(ns, f) for ns, f, _ in events] == [
-        (3_160_489_000, "virtballoon_changed"),
-        (3_192_203_000, "acpi_hotplug_schedule"),
-        (108_128_293_000, "virtio_mem_config_changed"),
-    ]
-    ns, line = driver_entry(VirtioMem(), text, after_ns=100 * 10**9)
-    assert ns == 108_128_293_000 and line.startswith("dynamem-sampler-121")
-    assert driver_entry(Dimm(), text, after_ns=3_100_000_000)[0] == 3_192_203_000
-    # an entry before the request belongs to an earlier resize
-    assert driver_entry(Balloon(), text, after_ns=3_160_489_000) is None
-    assert driver_entry(Balloon(), "", after_ns=0) is None  # a guest without the tracer
+    assert len(events) == 10 and events[0][:2] == (23_132_003_000, "virtio_mem_config_changed")
+    # the request came after the preparation: its entry, and the last block's MEM_OFFLINE
+    span = driver_span(VirtioMem(), text, after_ns=100 * 10**9)
+    assert (span.entry_ns, span.done_ns) == (132_652_003_000, 132_718_074_000)
+    assert span.lines[1].endswith("memory_notify <-offline_pages")
+    dimm = driver_span(Dimm(), (FIXTURES / "guest-ftrace-dimm.txt").read_text(), after_ns=0)
+    # two DIMMs, two ACPI notifications: the first starts the span
+    assert (dimm.entry_ns, dimm.done_ns) == (2_927_875_000, 2_946_262_000)
+    # the balloon has no kernel stamp of its end, and there is no balloon request here
+    assert driver_span(Balloon(), text, after_ns=0) == DriverSpan()
+    assert driver_span(VirtioMem(), "", after_ns=0) == DriverSpan()  # no tracer
 
 
-def test_the_driver_duration_runs_from_the_entry_to_the_completing_look():
+def test_the_driver_duration_ends_at_the_kernels_stamp_or_else_at_the_look():
+    from dynamem.resize import DriverSpan
+
     samples = sparse(
         [
             (1_000 * MS, 1, 500 * MS, 500 * MS, 2, 1_000_000),
             (1_480 * MS, 40, 980 * MS, 972 * MS, 1, 1_131_072),
         ]
     )
-    res = ResizeResult("virtio-mem", "sbm", "grow", 128 << 20, t_request_ns=1_010 * MS)
-    _guest_view(VirtioMem(), BASE_COLUMNS, samples, res, None, timed=True, driver_ns=900 * MS)
-    assert res.guest_driver_s == pytest.approx(0.080)
+
+    def view(span: DriverSpan | None) -> ResizeResult:
+        res = ResizeResult("virtio-mem", "sbm", "grow", 128 << 20, t_request_ns=1_010 * MS)
+        _guest_view(VirtioMem(), BASE_COLUMNS, samples, res, None, timed=True, span=span)
+        return res
+
+    res = view(DriverSpan(900 * MS, 975 * MS))
+    assert res.guest_driver_s == pytest.approx(0.075) and res.guest_driver_end == "kernel"
     assert res.guest_clock_s == pytest.approx(0.008)  # from the last look that saw nothing
-    # no entry traced: no number made up
-    res = ResizeResult("virtio-mem", "sbm", "grow", 128 << 20, t_request_ns=1_010 * MS)
-    _guest_view(VirtioMem(), BASE_COLUMNS, samples, res, None, timed=True)
-    assert res.guest_driver_s is None
+    res = view(DriverSpan(900 * MS, None))
+    assert res.guest_driver_s == pytest.approx(0.080) and res.guest_driver_end == "look"
+    # nothing traced: no number made up
+    assert view(DriverSpan()).guest_driver_s is None and view(None).guest_driver_s is None

@@ -71,6 +71,7 @@ class Dimm(Mechanism):
     name = "dimm"
     # the ACPI Notify (device check, eject request) handed to the hotplug worker
     driver_entry = "acpi_hotplug_schedule"
+    driver_done = "memory_notify"
 
     def __init__(self, dimm_size: int = 128 * MiB) -> None:
         super().__init__()

@@ -31,6 +31,7 @@ def _round_up(size: int, unit: int) -> int:
 class VirtioMem(Mechanism):
     name = "virtio-mem"
     driver_entry = "virtio_mem_config_changed"  # the config-change interrupt: a new requested size
+    driver_done = "memory_notify"
     no_progress_default_s = RETRY_AWARE_NO_PROGRESS_S
 
     def __init__(self, variant: str = "sbm", block_size: int | None = None) -> None:
