@@ -24,6 +24,9 @@ BASE_COLUMNS = ("totalram_kb", "freeram_kb", "freeswap_kb")
 PROTOCOL = 2  # the sampler's "hello N": the line formats below
 CAUSES = {0: "timer", 1: "uevent", 2: "first", 3: "last"}
 
+# The sampler reads a file into a 256 KiB buffer: what arrives is at most this long.
+SNAP_MAX = 256 * 1024 - 1
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -198,7 +201,8 @@ class SamplerChannel:
         return self.barrier()
 
     def snapshot(self, paths: list[str], timeout: float = 10.0) -> dict[str, str]:
-        """Whole files read by the guest (e.g. /proc/zoneinfo, or 'memblocks')."""
+        """Whole files read by the guest (e.g. /proc/zoneinfo, or 'memblocks'); a file of
+        SNAP_MAX bytes or more arrives cut there."""
         token = f"s{next(self._tokens)}"
         self._send(f"snap {token} " + " ".join(paths))
         self._await(f"end {token}", timeout, "snapshot")

@@ -19,7 +19,8 @@ Format history (the `format` key of `run.json` and of every cell record):
   are optional fields that older format-2 records load without: `guest_clock_s` (the
   guest-side duration on the guest's clock), the accelerator `tcg-icount`, and
   `guest_driver_s` / `guest_driver_end` / `guest_driver_trace` (the same duration from the
-  driver's entry to the kernel's stamp of the last change, or to the look).
+  driver's entry to the kernel's stamp of the last change, or to the look), and
+  `guest_looks_from`.
 """
 
 import dataclasses
@@ -176,6 +177,9 @@ class ResizeRecord(_Record):
     observer: str = "dense"  # the setting's name; format 1 watched as "dense" does
     observer_config: dict[str, Any] = field(default_factory=dict)  # its schedules
     cpu_model: str | None = None  # the guest's -cpu
+    # when the in-guest sampler started looking: at the request, or at the host-side
+    # outcome (the control arm; a DIMM grow, whose host side ends before the guest starts)
+    guest_looks_from: Literal["request", "outcome"] | None = None
     host_bound_s: float | None = None  # host-side completion is late by at most this
     guest_bound_target_s: float | None = None  # max(5 ms, 1% of the guest latency)
     guest_look_gap_s: float | None = None  # guest clock: completing look minus the one before

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dynamem.channel import Calibration, Sample
+from dynamem.channel import SNAP_MAX, Calibration, Sample
 from dynamem.errors import UserError
 from dynamem.mechanisms.base import CapabilityLimit, Mechanism, Request
 from dynamem.observer import DEFAULT, Observer, bound_target, named
@@ -190,12 +190,16 @@ def resize(
         res.channel_rtt_median_s, res.channel_rtt_p95_s = cal.rtt_median, cal.rtt_p95
         res.channel_rtt_max_s, res.channel_rtt_n = cal.rtt_max, cal.n
     host_sampler = hostprobe.HostSampler(vm.pid, backoff=obs.host_rss)
+    # The guest is watched from the request on, or (control arm, or a mechanism whose host
+    # side finishes before the guest starts) only from the host-side outcome on.
+    look_in_window = obs.watch_during and not mech.host_first(delta)
+    res.guest_looks_from = "request" if look_in_window else "outcome"
     try:
         mark, full_mark = ch.mark(), len(ch.full_samples)
         first = ch.start(obs.checks, obs.full)  # the baseline look, arrived
         if obs.watch_during:
             host_sampler.start()
-        else:
+        if not look_in_window:
             ch.stop()
         req: Request | None = None
         mech.before_request(vm)
@@ -225,6 +229,7 @@ def resize(
             res.sampler_request_share = res.sampler_request_cpu_s / res.sampler_request_window_s
         if not obs.watch_during:
             host_sampler.start()
+        if not look_in_window:
             ch.start(obs.checks, obs.full)
         expect_change = req is not None and mech.host_bytes(vm) != start_bytes
         allowance = reaction_s if expect_change else 0.0
@@ -251,7 +256,9 @@ def resize(
         # The target was reached after the previous poll read QEMU's state (or the request).
         res.host_bound_s = (res.t_host_done_ns - ([t_req, *poll_times])[-2]) / 1e9
     guest_after = ch.snapshot([*GUEST_FILES, TRACE])
-    span = driver_span(mech, guest_after.pop(TRACE), clock_before)
+    trace = guest_after.pop(TRACE)
+    # a trace cut at the sampler's buffer lacks its newest lines: no span rather than a wrong one
+    span = driver_span(mech, trace, clock_before) if len(trace) < SNAP_MAX else DriverSpan()
     res.guest_driver_trace = span.lines
     _guest_view(mech, ch.columns, samples, res, cal, obs.watch_during, span)
     host_after = hostprobe.snapshot(vm.pid)
@@ -408,6 +415,7 @@ def _guest_view(
     if not timed:
         return  # the control arm did not watch the guest while the request was in flight
     signal = guest_signal(mech, columns, samples)
+    prev = previous_looks(samples)
     first = first_change_index(signal[base:])
     if first is not None:
         res.guest_reaction_s = (int(arrivals[base + first]) - res.t_request_ns) / 1e9
@@ -416,7 +424,7 @@ def _guest_view(
         # On the guest's own clock: from the last look that saw nothing yet to the look
         # that saw completion. Under tcg-icount this counts the guest's instructions (and
         # its idle waits, which jump to its next timer), not the host's work.
-        res.guest_clock_s = (samples[idx].guest_ns - samples[base + first].prev_guest_ns) / 1e9
+        res.guest_clock_s = (samples[idx].guest_ns - prev[base + first]) / 1e9
     if idx is not None and span is not None and span.entry_ns is not None:
         # ends at the kernel's stamp of the last block's change where the mechanism has one
         # (the look that saw it only confirms it), else at the look that saw completion
@@ -427,11 +435,20 @@ def _guest_view(
     if idx is not None:
         res.t_guest_done_ns = int(arrivals[idx])
         res.guest_latency_s = (res.t_guest_done_ns - res.t_request_ns) / 1e9
-        done = samples[idx]
-        res.guest_look_gap_s = (done.guest_ns - done.prev_guest_ns) / 1e9
+        res.guest_look_gap_s = (samples[idx].guest_ns - prev[idx]) / 1e9
         if cal is not None:
             res.guest_bound_s = late_bound(res.guest_look_gap_s, cal)
         res.guest_bound_target_s = bound_target(res.guest_latency_s)
+
+
+def previous_looks(samples: list[Sample]) -> list[int]:
+    """The guest time of the look before each sample's. A schedule's first look (cause 2)
+    names itself as its predecessor; when the sampler was stopped before it (looks deferred
+    to the host-side outcome), the look before is the last one received."""
+    return [
+        samples[i - 1].guest_ns if s.cause == 2 and i > 0 else s.prev_guest_ns
+        for i, s in enumerate(samples)
+    ]
 
 
 @dataclass(frozen=True)

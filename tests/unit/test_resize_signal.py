@@ -233,3 +233,26 @@ def test_the_driver_duration_ends_at_the_kernels_stamp_or_else_at_the_look():
     assert res.guest_driver_s == pytest.approx(0.080) and res.guest_driver_end == "look"
     # nothing traced: no number made up
     assert view(DriverSpan()).guest_driver_s is None and view(None).guest_driver_s is None
+
+
+def test_looks_deferred_to_the_outcome_are_bounded_from_the_last_look_before_the_request():
+    """A DIMM grow: baseline look (cause 2), the stop's look (3), nothing during the request,
+    then the schedule restarts at the host-side outcome (2) and a uevent look (1)."""
+    from dynamem.mechanisms import Dimm
+    from dynamem.resize import previous_looks
+
+    samples = sparse(
+        [
+            (1_000 * MS, 1, 500 * MS, 500 * MS, 2, 1_000_000),
+            (1_002 * MS, 2, 502 * MS, 500 * MS, 3, 1_000_000),
+            (1_030 * MS, 3, 530 * MS, 530 * MS, 2, 1_065_536),  # names itself as before
+            (1_090 * MS, 9, 590 * MS, 588 * MS, 1, 1_131_072),
+        ]
+    )
+    assert previous_looks(samples) == [500 * MS, 500 * MS, 502 * MS, 588 * MS]
+    res = ResizeResult("dimm", "default", "grow", 128 << 20, t_request_ns=1_010 * MS)
+    _guest_view(Dimm(), BASE_COLUMNS, samples, res, None, timed=True)
+    assert res.guest_clock_s == pytest.approx(0.088)  # 590 - 502: the first change is late
+    assert res.guest_look_gap_s == pytest.approx(0.002)
+    assert Dimm().host_first(128 << 20) and not Dimm().host_first(-(128 << 20))
+    assert not VirtioMem().host_first(128 << 20)

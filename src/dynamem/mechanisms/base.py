@@ -137,6 +137,12 @@ class Mechanism(abc.ABC):
     # ended, not at the sampler's next look; "" where no such function exists.
     driver_done: ClassVar[str] = ""
 
+    def host_first(self, delta: int) -> bool:
+        """Whether QEMU reaches the target before the guest does anything (a synchronous
+        request, e.g. device_add): the guest then has nothing to show until the host-side
+        outcome, so the in-guest sampler starts looking there (`resize`)."""
+        return False
+
     @property
     def variant(self) -> str:
         return "default"

@@ -116,6 +116,13 @@ class Dimm(Mechanism):
     def qemu_args(self, plan: MemoryPlan) -> tuple[str, ...]:
         return ()
 
+    def host_first(self, delta: int) -> bool:
+        # device_add returns with the DIMM in place; the guest's ACPI work follows. Looks
+        # in the request's few milliseconds only competed with QEMU's main loop: under TCG
+        # they made a 256 MiB grow's host side 1.46x a bare script's (`selfbench resize`,
+        # idle 1 GiB, n=10; 0.99x with no looks in the window).
+        return delta > 0
+
     def _dimms(self, vm: "VM") -> dict[str, int]:
         """DIMMs QEMU has now: id -> size."""
         devices = vm.qmp("query-memory-devices")
