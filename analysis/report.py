@@ -52,8 +52,9 @@ ICOUNT_NOTE = (
     "took the request (its entry function, stamped by the guest's function tracer) to the "
     "end of its work (DIMM and virtio-mem: the kernel's stamp of the last memory block's "
     "change; the balloon: the sampler's look that saw completion); where a guest traced no "
-    "entry, from the last look that saw no change to that look. It excludes the work done on the host (QEMU's discards, the host "
-    "kernel's page freeing) and the time the request took to reach the guest, so it "
+    "entry, from the last look that saw no change to that look. It excludes the work done "
+    "on the host (QEMU's discards, the host kernel's page freeing) and the time the request "
+    "took to reach the guest, so it "
     "complements wall-clock results on a KVM or TCG run and never replaces them. "
     "Wall-clock fields are recorded but not meaningful in this mode: every guest timer and "
     "I/O exit runs in one host thread."
@@ -331,6 +332,14 @@ def _verdict(rep: Report, mechs: list[str]) -> None:
         "",
     )
     rep.add(*md_table(["criterion", *mechs], rows))
+    if (rep.table.observer == "minimal").any():
+        rep.add(
+            "Conditions watched by the `minimal` control arm have no guest-visible latency "
+            "(the guest is not looked at while the request is in flight): their latency "
+            "rows show `-`, and their host-side latency is set against the watched twin's "
+            "in \"What watching cost\".",
+            "",
+        )
     if rep.icount:
         rep.add(ICOUNT_NOTE, "")
     rep.add(

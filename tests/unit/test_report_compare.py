@@ -296,3 +296,7 @@ def test_report_states_the_observer_cost_and_the_control_arms_ratio(tmp_path):
     assert lo > 1.0  # every watched shrink was slower: the interval excludes 1
     alone = build_report(write_run(tmp_path, arm, "alone"), tmp_path / "out2")[0].read_text()
     assert "has no control arm" in alone and "ratio of medians" not in alone
+    # the control arm's missing guest-visible latency is explained where it shows as "-"
+    verdict = md[md.index("## Verdict") : md.index("## What watching cost")]
+    assert "control arm have no guest-visible latency" in verdict
+    assert "control arm have no guest-visible latency" not in alone
