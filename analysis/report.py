@@ -337,7 +337,7 @@ def _verdict(rep: Report, mechs: list[str]) -> None:
             "Conditions watched by the `minimal` control arm have no guest-visible latency "
             "(the guest is not looked at while the request is in flight): their latency "
             "rows show `-`, and their host-side latency is set against the watched twin's "
-            "in \"What watching cost\".",
+            'in "What watching cost".',
             "",
         )
     if rep.icount:
