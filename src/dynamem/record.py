@@ -19,7 +19,7 @@ Format history (the `format` key of `run.json` and of every cell record):
   are optional fields that older format-2 records load without: `guest_clock_s` (the
   guest-side duration on the guest's clock), the accelerator `tcg-icount`, and
   `guest_driver_s` / `guest_driver_end` / `guest_driver_trace` (the same duration from the
-  driver's entry to the kernel's stamp of the last change, or to the look), and
+  driver's entry to the end of the last block's onlining or offlining, or to the look), and
   `guest_looks_from`.
 """
 
@@ -190,8 +190,9 @@ class ResizeRecord(_Record):
     # guest clock: the mechanism's driver entry (the guest's function tracer) to the end of
     # its work: the guest-side duration from where the guest's work starts, including what
     # it does before MemTotal first moves (virtio-mem allocates and may zero a whole range
-    # first). It ends at the kernel's stamp of the last memory block's change (hotplug:
-    # `guest_driver_end` "kernel") or at the look that saw completion ("look": the balloon).
+    # first). It ends at the kernel's stamp of the end of the last memory block's onlining
+    # or offlining (hotplug: `guest_driver_end` "kernel") or at the look that saw
+    # completion ("look": the balloon).
     # The traced lines are kept in `guest_driver_trace`.
     guest_driver_s: float | None = None
     guest_driver_end: Literal["kernel", "look"] | None = None

@@ -426,7 +426,7 @@ def _guest_view(
         # its idle waits, which jump to its next timer), not the host's work.
         res.guest_clock_s = (samples[idx].guest_ns - prev[base + first]) / 1e9
     if idx is not None and span is not None and span.entry_ns is not None:
-        # ends at the kernel's stamp of the last block's change where the mechanism has one
+        # ends at the kernel's stamp of the end of its work where the mechanism has one
         # (the look that saw it only confirms it), else at the look that saw completion
         end = span.done_ns if span.done_ns is not None else samples[idx].guest_ns
         if end > span.entry_ns:

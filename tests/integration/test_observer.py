@@ -55,6 +55,34 @@ def test_the_adaptive_observer_records_its_schedule_bounds_and_cost(image, run_b
         assert r.guest_reaction_s is not None and r.guest_reaction_s <= r.guest_latency_s
     # plugging and unplugging whole memory blocks announces them: the sampler woke for them
     assert grow.sampler_uevent_checks and shrink.sampler_uevent_checks
+    # the guest's tracer stamped where the driver's work started and the last block changed
+    for r in (grow, shrink):
+        assert r.guest_looks_from == "request" and r.guest_driver_end == "kernel"
+        assert "virtio_mem_config_changed" in r.guest_driver_trace[0]
+        assert "memory_notify" in r.guest_driver_trace[1]
+        # on the guest's clock, from the driver's entry after the request; it may end a
+        # little after the look that saw the final MemTotal (watermarks are recomputed first)
+        assert r.guest_driver_s is not None and r.guest_driver_s > 0
+
+
+def test_a_dimm_grow_is_watched_in_the_guest_from_the_host_side_outcome_on(image, run_base):
+    mech = mechanisms.make("dimm")
+    mplan = mech.plan(GiB - 256 * MiB, 256 * MiB, None, None)
+    mech = mech.with_plan(mplan)
+    with VM(plan_for(mech, mplan).config) as vm:
+        vm.start()
+        mark = vm.sampler.mark()
+        r = resize(vm, mech, 256 * MiB)
+        arrivals = [s.arrival_ns for s in vm.sampler.samples[mark:]]
+    assert r.outcome == "ok", r.message
+    assert r.guest_looks_from == "outcome"
+    assert r.t_request_ns is not None and r.t_host_done_ns is not None
+    assert not [t for t in arrivals if r.t_request_ns < t < r.t_host_done_ns]
+    # the guest's work came after: still timed, bounded from the last look before the request
+    assert r.guest_latency_s is not None and r.guest_latency_s > r.host_latency_s
+    assert r.guest_look_gap_s is not None and r.guest_bound_s >= r.guest_look_gap_s > 0
+    assert r.guest_driver_end == "kernel" and r.guest_driver_s is not None
+    assert "acpi_hotplug_schedule" in r.guest_driver_trace[0]
 
 
 def test_the_control_arm_leaves_the_guest_alone_until_the_host_side_outcome(image, run_base):

@@ -131,9 +131,10 @@ class Mechanism(abc.ABC):
     # traces these), so a guest-side duration can start where the guest's work starts.
     # "" for none.
     driver_entry: ClassVar[str] = ""
-    # ... and the function whose last call in a resize follows the last guest-visible
-    # change (hotplug: memory_notify(MEM_ONLINE or MEM_OFFLINE), microseconds after a
-    # block's pages enter or leave MemTotal), so the duration ends where the guest's work
+    # ... and the function whose last call in a resize ends the guest's work (hotplug:
+    # memory_notify(MEM_ONLINE or MEM_OFFLINE), sent once a block's pages are in or out of
+    # MemTotal and the zone watermarks are recomputed; a look on another vCPU can see the
+    # final MemTotal a little before it), so the duration ends where the guest's work
     # ended, not at the sampler's next look; "" where no such function exists.
     driver_done: ClassVar[str] = ""
 
