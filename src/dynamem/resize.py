@@ -50,8 +50,8 @@ __all__ = ["OUTCOMES", "ResizeResult", "resize"]
 # after the outcome idle and 55 ms beside stress 1500M (n=10 and 5). 5 s leaves a busy or
 # slow host fifty times that before a guest that never reacts is judged as it is.
 REACTION_S = 5.0
-# The guest's function tracer (see the minimal guest's boot script): driver entries, stamped
-# on the guest's CLOCK_MONOTONIC.
+# The guest's function tracer (see the minimal guest's boot script): driver entries and the
+# end of each memory block's onlining or offlining, stamped on the guest's CLOCK_MONOTONIC.
 TRACE = "/sys/kernel/tracing/trace"
 
 
