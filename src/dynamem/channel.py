@@ -21,7 +21,7 @@ from dynamem.errors import DeadlineExceeded, VMError
 from dynamem.observer import Backoff
 
 BASE_COLUMNS = ("totalram_kb", "freeram_kb", "freeswap_kb")
-PROTOCOL = 2  # the sampler's "hello N": the line formats below
+PROTOCOL = 3  # the sampler's "hello N": the line formats below
 CAUSES = {0: "timer", 1: "uevent", 2: "first", 3: "last"}
 
 # The sampler reads a file into a 256 KiB buffer: what arrives is at most this long.
@@ -46,6 +46,7 @@ class Pong:
     guest_ns: int
     last_check_ns: int
     checks: int
+    uevent_checks: int  # of `checks`, those a memory-block uevent caused, sent or not
 
 
 @dataclass(frozen=True)
@@ -148,8 +149,8 @@ class SamplerChannel:
         self._send(f"ping {token}")
         words = self._await(f"pong {token}", timeout, "ping")
         rtt = (time.monotonic_ns() - start) / 1e9
-        guest_ns, last_check, checks = (int(w) for w in (words + ["0", "0", "0"])[:3])
-        return Pong(rtt, guest_ns, last_check, checks)
+        guest_ns, last_check, checks, uevent_checks = (int(w) for w in (words + ["0"] * 4)[:4])
+        return Pong(rtt, guest_ns, last_check, checks, uevent_checks)
 
     def ping(self, timeout: float = 5.0) -> float:
         """One round trip in seconds; also a barrier for everything sent before."""

@@ -201,6 +201,9 @@ class ResizeRecord(_Record):
     settle_quiet_s: float | None = None  # quiet period that ended the watch
     sampler_checks: int | None = None  # the sampler's looks, baseline to last, sent or not
     sampler_uevent_checks: int | None = None  # of the sent lines, those a uevent caused
+    # of sampler_checks, those a uevent caused, sent or not (a uevent's look finds nothing
+    # new when a timer look just before it saw the change: then it is not sent)
+    sampler_uevent_looks: int | None = None
     # sampler_cpu_s is from just before the request to the end of the watch, this long on
     # the guest's clock
     sampler_window_s: float | None = None

@@ -246,6 +246,7 @@ def resize(
     res.samples = len(samples)
     res.sampler_checks = last.checks - first.checks + 1
     res.sampler_uevent_checks = sum(1 for s in samples if s.cause == 1)
+    res.sampler_uevent_looks = last.uevent_checks - first.uevent_checks
     res.sampler_cpu_s = ch.cpu_seconds() - cpu_before
     res.sampler_window_s = (last.guest_ns - clock_before) / 1e9
     if res.sampler_window_s > 0:

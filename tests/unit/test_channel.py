@@ -22,7 +22,7 @@ def pair(tmp_path):
     channel.close()
 
 
-def answer_pings(guest, extra=b"", hello=b"hello 2\n", sent=None):
+def answer_pings(guest, extra=b"", hello=b"hello 3\n", sent=None):
     """A minimal fake sampler: answers ping and snap, sends `extra` first; every command
     line it gets is appended to `sent`."""
 
@@ -43,7 +43,7 @@ def answer_pings(guest, extra=b"", hello=b"hello 2\n", sent=None):
                 if sent is not None:
                     sent.append(line.decode())
                 if words[0] == "ping":
-                    guest.sendall(f"pong {words[1]} 123 120 7\n".encode())
+                    guest.sendall(f"pong {words[1]} 123 120 7 2\n".encode())
                 elif words[0] == "snap":
                     for path in words[2:]:
                         data = b"line1\nline2 with f 9 9\n"
@@ -71,7 +71,7 @@ def test_a_pong_says_how_far_the_sampler_looked(pair):
     answer_pings(guest)
     channel.wait_hello(5)
     pong = channel.barrier()
-    assert (pong.guest_ns, pong.last_check_ns, pong.checks) == (123, 120, 7)
+    assert (pong.guest_ns, pong.last_check_ns, pong.checks, pong.uevent_checks) == (123, 120, 7, 2)
     assert pong.rtt_s > 0
 
 

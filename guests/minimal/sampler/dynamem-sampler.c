@@ -36,8 +36,10 @@
  *   fmeminfo <key>...         /proc/meminfo fields of the full record (kB)
  *   fvmstat <key>...          /proc/vmstat fields of the full record
  *   ping <token>              answered at once with
- *                             "pong <token> <guest_ns> <last_check_ns> <checks>": a barrier
- *                             that also says how far the sampler has looked
+ *                             "pong <token> <guest_ns> <last_check_ns> <checks> <uevent_checks>":
+ *                             a barrier that also says how far the sampler has looked, and
+ *                             how many of its looks a uevent caused (sent or not: a look
+ *                             that finds what an earlier timer look already saw is not sent)
  *   snap <token> <path>...    whole files, framed as "f <token> <path> <bytes>\n<bytes>\n";
  *                             the path "memblocks" lists memory blocks, state, valid zones;
  *                             "kmsg" is the kernel log as /dev/kmsg records (no dmesg
@@ -46,7 +48,7 @@
  *                             used, from /proc/self/schedstat (exact, unlike tick-sampled
  *                             utime), and the guest's clock
  *
- * It sends "hello 2" at start; each sent check is
+ * It sends "hello 3" at start; each sent check is
  *   s <check> <guest_ns> <prev_check_ns> <cause> <totalram_kB> <freeram_kB> <freeswap_kB>
  *     <meminfo...> <vmstat...>
  * (cause 0 timer, 1 uevent, 2 first check of a schedule, 3 the last, with a full record;
@@ -98,6 +100,7 @@ static int uevent_pending; /* a memory-block uevent the budget has not afforded 
 static struct schedule checks, fulls;
 static int onchange;
 static unsigned long long nchecks;
+static unsigned long long nuevent_checks; /* of nchecks, those a uevent caused, sent or not */
 static long long last_check_ns;
 static unsigned long long last_sent[1 + MAX_KEYS * 2]; /* totalram + carried fields */
 static int have_sent;
@@ -271,6 +274,7 @@ static void check(int cause, long long t)
 	read_keys(&meminfo);
 	read_keys(&vmstat);
 	nchecks++;
+	nuevent_checks += cause == 1;
 	last_check_ns = t;
 	unsigned long long unit = si.mem_unit ? si.mem_unit : 1;
 	unsigned long long totalram = (unsigned long long)si.totalram * unit / 1024;
@@ -453,8 +457,8 @@ static void command(char *cmd)
 	} else if (strcmp(cmd, "fvmstat") == 0) {
 		set_keys(&fvmstat, args);
 	} else if (strcmp(cmd, "ping") == 0) {
-		int n = snprintf(out, sizeof out, "pong %s %lld %lld %llu\n", args, now_ns(),
-				 last_check_ns, nchecks);
+		int n = snprintf(out, sizeof out, "pong %s %lld %lld %llu %llu\n", args, now_ns(),
+				 last_check_ns, nchecks, nuevent_checks);
 		send_all(out, (size_t)n);
 	} else if (strcmp(cmd, "cpu") == 0) {
 		char stat[128] = "";
@@ -516,7 +520,7 @@ int main(int argc, char **argv)
 		if (n > 0)
 			free(list);
 	}
-	send_all("hello 2\n", 8);
+	send_all("hello 3\n", 8);
 	/* Under TCG the guest's clocksource is usually the emulated HPET (the TSC is marked
 	 * unstable), so every clock read is a system call and an emulated MMIO access: one per
 	 * wake-up, reused for the look and for the next timeout. */
