@@ -157,6 +157,26 @@ def _shares(table: pd.DataFrame, by: list[str]) -> dict[tuple[object, ...], tupl
 # -- setup and conditions ---------------------------------------------------------------------
 
 
+def _start_mode(rep: Report) -> str:
+    """How the run's guests started, and what a saved state makes identical across cells."""
+    parts = []
+    fresh = sum(c.condition.start == "boot" for c in rep.cells)
+    if fresh:
+        parts.append(f"{fresh} cells booted fresh")
+    saved = [c for c in rep.cells if c.condition.start == "snapshot"]
+    if saved:
+        states = {
+            c.context.state.key: c.context.state for c in saved if c.context and c.context.state
+        }
+        identical = next(iter(states.values())).identical if states else []
+        parts.append(
+            f"{len(saved)} cells started from {len(states)} saved post-boot "
+            f"state{'s' if len(states) != 1 else ''} (one per machine configuration; identical "
+            f"in every cell of a state by construction: {', '.join(identical) or 'unknown'})"
+        )
+    return "; ".join(parts) + " (start modes are never pooled: part of the condition)"
+
+
 def _setup(rep: Report) -> None:
     run, meta = rep.store.run, rep.store.run.metadata
     pins = meta.guest_packages or {}
@@ -186,6 +206,7 @@ def _setup(rep: Report) -> None:
                 ["guest image", f"`{str(meta.guest_image)[:16]}` ({len(pins)} pinned packages)"],
                 ["dynamem", f"{meta.dynamem_version} at `{meta.git_commit[:12]}`"],
                 ["observer", ", ".join(observers)],
+                ["start", _start_mode(rep)],
                 ["statistics", f"{INTERVAL}; Mann-Whitney U with Holm's correction, alpha {ALPHA}"],
                 [
                     "what is counted",

@@ -1,12 +1,14 @@
 """One cell's lifecycle: a scenario's repeat on a fresh guest, from plan to record.
 
-Plan, boot, prepare (plug or inflate to the starting size, unmeasured), an optional
-warm-up pass, touch-and-free, the workload, the measured steps, the workload's impact
-attached to each step, then the typed record. `dynamem run` runs every cell of a suite
+Plan, boot (or start from the configuration's saved post-boot state), prepare (plug or
+inflate to the starting size, unmeasured), an optional warm-up pass, touch-and-free, the
+workload, the measured steps, the workload's impact attached to each step, then the typed
+record. `dynamem run` runs every cell of a suite
 through this; `dynamem resize` runs one cell through the same path and prints it. Every
 failure is recorded with the phase it happened in; only Ctrl-C escapes.
 """
 
+import contextlib
 import platform
 import time
 from dataclasses import dataclass
@@ -21,7 +23,9 @@ from dynamem.launch import Plan, plan_vm
 from dynamem.mechanisms import Mechanism, MemoryPlan
 from dynamem.parsers import hotplug_log_lines, parse_meminfo
 from dynamem.probes.guestmem import parse_vmstat
+from dynamem.qemu import snapshot
 from dynamem.qemu.machine import VM
+from dynamem.qemu.snapshot import SavedState, StateRejected
 from dynamem.record import (
     CellContext,
     CellRecord,
@@ -32,6 +36,7 @@ from dynamem.record import (
     ResizeRecord,
     ResizeStep,
     SettleStep,
+    StartState,
     Timings,
     WorkloadImpact,
 )
@@ -104,6 +109,8 @@ def context_of(plan: Plan, vm: VM, mplan: MemoryPlan) -> CellContext:
         dynamem_version=__version__,
         boot_kernel_log=hotplug_log_lines("\n".join(kernel_log(vm))),
         cpu_model=c.cpu_model,
+        start="snapshot" if vm.restore is not None else "boot",
+        state=StartState(**vm.restore.describe()) if vm.restore is not None else None,
     )
 
 
@@ -250,12 +257,33 @@ def run_cell(
             swap=s.swap, swap_size=s.swap_size, cpu=s.cpu_model,
             data_size=s.workload_size if s.workload == "pagecache" else 0,
         )  # fmt: skip
-        vm = VM(plan.config)
-        with vm:
+        state: SavedState | None = None
+        if s.start == "snapshot":
+            phase = "saved state"  # built here by the first cell of its configuration
+            state, timings.state_build = snapshot.ensure(plan.config)
+        vm = VM(plan.config, restore=state)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(vm)
             phase = "boot"
-            vm.start()
-            timings.boot = time.monotonic() - t0
+            t = time.monotonic()
+            replaced = None
+            try:
+                vm.start()
+            except StateRejected as exc:  # never used: discarded and built again, once
+                assert state is not None
+                replaced = str(exc)
+                state.discard()
+                phase = "saved state"
+                state, built = snapshot.ensure(plan.config)
+                timings.state_build += built
+                vm = stack.enter_context(VM(plan.config, restore=state))
+                phase = "boot"
+                t = time.monotonic()
+                vm.start()
+            timings.boot = time.monotonic() - t
             record.context = context_of(plan, vm, mplan)
+            if record.context.state is not None:
+                record.context.state.replaced = replaced
             phase = "preparation"
             record.preparation, timings.preparation, timings.warmup = prepare(
                 vm, mech, mplan, warmup=s.warmup, deadline_s=s.deadline
@@ -317,7 +345,14 @@ def run_cell(
         record.injected = Injected(fault=str(inject.fault), fired=inject.fired)
     timings.total = time.monotonic() - t0
     timings.overhead = timings.total - sum(
-        (timings.boot, timings.preparation, timings.warmup, timings.workload_start, timings.steps)
+        (
+            timings.state_build,
+            timings.boot,
+            timings.preparation,
+            timings.warmup,
+            timings.workload_start,
+            timings.steps,
+        )
     )
     return record
 

@@ -115,6 +115,14 @@ class SamplerChannel:
                     f"{PROTOCOL}: rebuild the guest (dynamem guest build)"
                 )
 
+    def resumed(self, timeout: float) -> None:
+        """The guest was restored from a saved state: its sampler said hello before the save
+        and is mid-loop, not restarting. A ping shows it answers on this new connection
+        (the saved state's key covers the guest image, and with it the sampler's protocol)."""
+        with self._cond:
+            self._hello, self._hello_version = True, PROTOCOL
+        self.barrier(timeout)
+
     def close(self) -> None:
         self._closed = True
         for s in (self._conn, self._listener):

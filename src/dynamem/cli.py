@@ -151,10 +151,12 @@ def cmd_vm_exec(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from dynamem import runner
-    from dynamem.scenario import load_suite, with_control_arm, with_repeats
+    from dynamem.scenario import load_suite, with_control_arm, with_repeats, with_start
     from dynamem.store import RunStore
 
     if args.resume:
+        if args.start:
+            raise UserError("run: --start cannot change a run being resumed (it keeps its own)")
         store = RunStore.open(args.resume)
         print(
             f"resuming {store.directory}: {len(store.completed())} of "
@@ -169,6 +171,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             suite = with_control_arm(suite)
         if args.repeats:
             suite = with_repeats(suite, args.repeats)
+        if args.start:
+            suite = with_start(suite, args.start)
         seed = suite.seed if args.seed is None else args.seed
         if args.dry_run:
             print("\n".join(runner.dry_run_lines(suite, seed)))
@@ -332,7 +336,7 @@ def cmd_bench_boot(args: argparse.Namespace) -> int:
         f"accelerator {plan.accel.accel} ({plan.accel.reason}); guest "
         f"{plan.image.kernel_release}, {format_size(args.memory)} RAM, {args.cpus} vCPUs"
     )
-    res = bench_boot(plan, args.repeats, print)
+    res = bench_boot(plan, args.repeats, print, snapshot=not args.no_snapshot)
     bare, ours = statistics.median(res.bare), statistics.median(res.dynamem)
     print(f"median bare QEMU -kernel/-initrd to init: {bare:.2f} s")
     print(f"median dynamem launch to SSH answering:  {ours:.2f} s")
@@ -341,6 +345,16 @@ def cmd_bench_boot(args: argparse.Namespace) -> int:
         f"paired ratios median {statistics.median(res.paired_ratios):.3f}, "
         f"max {max(res.paired_ratios):.3f}"
     )
+    if res.snapshot:
+        print(
+            "median start from the saved state to SSH answering: "
+            f"{statistics.median(res.snapshot):.2f} s"
+        )
+        print(
+            f"saved state / fresh boot, ratio of medians: {res.snapshot_ratio:.3f}  (target "
+            f"<= 0.3); paired ratios median {statistics.median(res.snapshot_paired_ratios):.3f}, "
+            f"max {max(res.snapshot_paired_ratios):.3f}"
+        )
     return 0
 
 
@@ -497,6 +511,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
         "maxmem": args.maxmem and format_size(args.maxmem),
         "cpu_model": args.cpu,
         "touch": args.touch,
+        "start": args.start,
     }
     data.update({k: v for k, v in optional.items() if v})
     if args.stress:
@@ -609,6 +624,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cpu-model", help="QEMU -cpu model (default: host under KVM, qemu64 under TCG)"
     )
+    p.add_argument(
+        "--start",
+        choices=("boot", "snapshot"),
+        help="boot: a fresh guest per cell (default); snapshot: every cell starts from its "
+        "machine configuration's saved post-boot state (built once, cached)",
+    )
     p.set_defaults(func=cmd_resize)
 
     p = sub.add_parser("run", help="run a suite of scenarios into a raw results directory")
@@ -623,6 +644,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="interleave each scenario's twin watched by the minimal observer, so the report "
         "measures what watching costs (doubles the cells)",
+    )
+    p.add_argument(
+        "--start",
+        choices=("boot", "snapshot"),
+        help="boot: a fresh guest per cell (default); snapshot: every cell starts from its "
+        "machine configuration's saved post-boot state (built once, cached)",
     )
     p.add_argument(
         "--no-report",
@@ -686,9 +713,18 @@ def build_parser() -> argparse.ArgumentParser:
         "selfbench", help="benchmarks of dynamem itself (the asv suite is `bench/`)"
     )
     bsub = bench.add_subparsers(dest="bench_command", required=True, parser_class=_ArgumentParser)
-    p = bsub.add_parser("boot", help="boot-to-SSH versus a bare QEMU boot-to-init, side by side")
+    p = bsub.add_parser(
+        "boot",
+        help="boot-to-SSH versus a bare QEMU boot-to-init and a start from the saved state, "
+        "side by side",
+    )
     _vm_options(p)
     p.add_argument("--repeats", type=_positive_int, default=5)
+    p.add_argument(
+        "--no-snapshot",
+        action="store_true",
+        help="leave out the start from a saved post-boot state (the third arm)",
+    )
     p.set_defaults(func=cmd_bench_boot)
     p = bsub.add_parser("resize", help="dynamem's resize timing versus a bare QMP script")
     _vm_options(p)

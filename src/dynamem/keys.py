@@ -16,6 +16,11 @@ class KeyPair:
     private: Path  # OpenSSH PEM, mode 0600
     public: Path  # "ssh-ed25519 AAAA..."
 
+    @classmethod
+    def at(cls, directory: Path, name: str) -> "KeyPair":
+        """A pair made earlier (a saved state's keys)."""
+        return cls(directory / name, directory / f"{name}.pub")
+
     @property
     def public_line(self) -> str:
         return self.public.read_text().strip()

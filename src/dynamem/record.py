@@ -19,8 +19,10 @@ Format history (the `format` key of `run.json` and of every cell record):
   are optional fields that older format-2 records load without: `guest_clock_s` (the
   guest-side duration on the guest's clock), the accelerator `tcg-icount`, and
   `guest_driver_s` / `guest_driver_end` / `guest_driver_trace` (the same duration from the
-  driver's entry to the end of the last block's onlining or offlining, or to the look), and
-  `guest_looks_from`.
+  driver's entry to the end of the last block's onlining or offlining, or to the look),
+  `guest_looks_from`, `sampler_uevent_looks`, and the start mode: the condition's `start`
+  ("boot" or "snapshot"), the context's `start` and `state` (the saved post-boot state a
+  cell started from) and the timings' `state_build`.
 """
 
 import dataclasses
@@ -396,15 +398,33 @@ class Condition(_Record):
 
 @dataclass
 class Timings(_Record):
-    """Seconds per phase of a cell; `overhead` is the runner's own time."""
+    """Seconds per phase of a cell; `overhead` is the runner's own time. `boot` is launch to
+    ready (SSH answered, sampler connected), from a fresh boot or from a saved state; a cell
+    that had to build its configuration's saved state first spent `state_build` on it."""
 
     boot: float = 0.0
+    state_build: float = 0.0
     preparation: float = 0.0
     warmup: float = 0.0
     workload_start: float = 0.0
     steps: float = 0.0
     total: float = 0.0
     overhead: float = 0.0
+
+
+@dataclass
+class StartState(_Record):
+    """The saved post-boot state a cell started from (dynamem.qemu.snapshot)."""
+
+    key: str  # covers the machine configuration, the guest image and the QEMU binary
+    created: str | None
+    boot_s: float | None  # the one fresh boot it was saved from: launch to ready
+    save_s: float | None
+    stream_bytes: int | None  # the saved state, zstd-compressed
+    identical: list[str]  # what every cell started from it shares, by construction
+    # why an earlier state of this configuration was discarded and this one built (QEMU
+    # could not load it), if that happened in this cell
+    replaced: str | None = None
 
 
 @dataclass
@@ -431,6 +451,8 @@ class CellContext(_Record):
     boot_kernel_log: list[str] = field(default_factory=list)
     cpu_model: str | None = None
     memtotal_start_kb: int | None = None  # guest MemTotal when the measured steps start
+    start: str = "boot"  # a fresh boot, or "snapshot": a saved post-boot state (`state`)
+    state: StartState | None = None
 
 
 @dataclass

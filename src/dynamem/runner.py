@@ -1,6 +1,7 @@
 """`dynamem run`: a suite's cells in seeded, interleaved order, each recorded as it ends.
 
-A cell is one repeat of one scenario on a fresh guest: boot, preparation (plug what the
+A cell is one repeat of one scenario on a fresh guest: boot (or start from a saved
+post-boot state), preparation (plug what the
 steps need), an unmeasured warm-up pass of the steps, the workload, then the measured
 steps. Whatever happens in a cell is recorded (failures with their reason, the phase they
 happened in and the guest console tail) and the run goes on; Ctrl-C or SIGTERM stops the
@@ -278,10 +279,19 @@ def overhead_summary(cells: list[CellRecord]) -> str:
     if not totals:
         return "no cells"
     share = sum(overhead) / sum(totals)
+    starts = {c.condition.start for c in cells}
+    built = [c.timings.state_build for c in cells if c.timings.state_build > 0]
+    states = (
+        f"; {len(built)} saved state{'s' if len(built) != 1 else ''} built in "
+        f"{sum(built):.1f} s (in the cells' time)"
+        if built
+        else ""
+    )
     return (
         f"{len(cells)} cells in {sum(totals) / 60:.1f} min; per cell median "
-        f"{statistics.median(totals):.1f} s, boot {statistics.median(boot):.1f} s, runner "
-        f"overhead {statistics.median(overhead):.2f} s ({share * 100:.1f}% of cell time)"
+        f"{statistics.median(totals):.1f} s, {'/'.join(sorted(starts))} to ready "
+        f"{statistics.median(boot):.1f} s, runner overhead {statistics.median(overhead):.2f} s "
+        f"({share * 100:.1f}% of cell time){states}"
     )
 
 

@@ -21,6 +21,9 @@ from dynamem.record import Condition, MechanismConfig
 from dynamem.units import format_size, parse_size
 
 WORKLOADS = ("idle", "stress", "pagecache", "impact")
+# How a cell's guest starts: a fresh boot, or the saved post-boot state of its machine
+# configuration (dynamem.qemu.snapshot). Never pooled: part of the condition.
+STARTS = ("boot", "snapshot")
 REPRODUCIBLE = ("hyperalloc",)  # published experiments a scenario may say it reproduces
 _STEP = re.compile(
     r"^\s*(?:(?P<resize>shrink|grow)\s+(?P<size>\S+)"
@@ -43,6 +46,7 @@ SCENARIO_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "cpus": (int, "vCPUs"),
     "cpu_model": (str, "QEMU -cpu model (default: host under KVM, qemu64 under TCG)"),
     "observer": (str, "how resizes are watched: adaptive (default), minimal, dense, sparse"),
+    "start": (str, "boot (a fresh guest per cell, default) or snapshot (a saved post-boot state)"),
     "memhp_default_state": (str, "how the guest onlines hotplugged memory"),
     "kernel_args": (list, "extra guest kernel arguments"),
     "swap": (str, "disk, zram or none"),
@@ -66,7 +70,7 @@ HIDDEN_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "inject_repeats": (list, "the repeats the fault is injected into (default: every one)"),
 }
 SUITE_KEYS = {"name", "description", "repeats", "seed", "defaults", "scenario", "control_arm",
-              "force_repeats"}  # fmt: skip
+              "force_repeats", "force_start"}  # fmt: skip
 # The control arm's twin of a scenario: the same condition, watched without guest-visible
 # latency (dynamem.observer "minimal"), so the report can put the observer's cost on the
 # host-side latency with an interval.
@@ -126,6 +130,7 @@ class Scenario:
     deadline: float = 120.0
     no_progress: float | None = None  # None: the mechanism's default
     observer: str = observers.DEFAULT
+    start: str = "boot"
     reproduces: str | None = None
     inject: faults.Fault | None = None
     inject_repeats: tuple[int, ...] = ()  # empty: every repeat
@@ -165,7 +170,7 @@ class Scenario:
             no_progress_s=mech.no_progress_s,
         )
 
-    def condition(self, accel: str, start: str = "boot") -> Condition:
+    def condition(self, accel: str) -> Condition:
         """What this scenario's cells measure under `accel`, the mechanism aside."""
         return Condition(
             memory=self.memory,
@@ -182,7 +187,7 @@ class Scenario:
             warmup=self.warmup,
             steps=tuple(str(s) for s in self.steps),
             observer=self.observer,
-            start=start,
+            start=self.start,
         )
 
     def memory_plan(self, mech: Mechanism) -> MemoryPlan:
@@ -293,6 +298,10 @@ def build_scenario(data: dict[str, Any], where: str) -> Scenario:
             f"{where}: unknown observer {data['observer']!r} "
             f"(choose from {', '.join(observers.OBSERVERS)})"
         )
+    if data.get("start", "boot") not in STARTS:
+        raise UserError(
+            f"{where}: unknown start {data['start']!r} (choose from {', '.join(STARTS)})"
+        )
     if data.get("reproduces", "hyperalloc") not in REPRODUCIBLE:
         raise UserError(
             f"{where}: reproduces {data['reproduces']!r} is not one of {', '.join(REPRODUCIBLE)}"
@@ -332,6 +341,7 @@ def build_scenario(data: dict[str, Any], where: str) -> Scenario:
         deadline=float(data.get("deadline", 120.0)),
         no_progress=float(data["no_progress"]) if "no_progress" in data else None,
         observer=data.get("observer", observers.DEFAULT),
+        start=data.get("start", "boot"),
         reproduces=data.get("reproduces"),
         inject=faults.parse(data["inject"], len(steps), data["mechanism"])
         if "inject" in data
@@ -403,6 +413,8 @@ def load_suite_text(text: str, source: str) -> Suite:
         merged = {"repeats": repeats, **defaults, **entry}
         if "force_repeats" in data:  # what `--repeats N` writes: every scenario's count
             merged["repeats"] = data["force_repeats"]
+        if "force_start" in data:  # what `--start MODE` writes: every scenario's start
+            merged["start"] = data["force_start"]
         built = [build_scenario(merged, f"{source}: scenario {i + 1}")]
         if control and built[0].observer != CONTROL:
             twin = {**merged, "name": f"{built[0].name}-{CONTROL}", "observer": CONTROL}
@@ -448,6 +460,13 @@ def _with_top_key(suite: Suite, key: str, value: str) -> Suite:
 
 def with_control_arm(suite: Suite) -> Suite:
     return _with_top_key(suite, "control_arm", "true")
+
+
+def with_start(suite: Suite, start: str) -> Suite:
+    """Every scenario started `start` (`force_start` overrides the scenarios' own)."""
+    if start not in STARTS:
+        raise UserError(f"unknown start {start!r} (choose from {', '.join(STARTS)})")
+    return _with_top_key(suite, "force_start", f'"{start}"')
 
 
 def with_repeats(suite: Suite, repeats: int) -> Suite:

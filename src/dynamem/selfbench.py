@@ -16,8 +16,10 @@ from dynamem.guest.recipe import load_recipe
 from dynamem.launch import Plan
 from dynamem.observer import Observer
 from dynamem.paths import make_run_dir
+from dynamem.qemu import snapshot as snapshots
 from dynamem.qemu.machine import VM
 from dynamem.qemu.process import QemuProcess
+from dynamem.qemu.snapshot import SavedState
 from dynamem.units import format_size
 
 INIT_MARK = "dynamem-init: started"
@@ -70,10 +72,11 @@ def bare_boot_to_init(plan: Plan, timeout: float = 120.0) -> float:
         run_dir.rmdir()
 
 
-def dynamem_boot_to_ssh(plan: Plan) -> dict[str, float]:
-    """Seconds from launch to QMP, to the ready line, and to a first SSH command answered."""
+def dynamem_boot_to_ssh(plan: Plan, state: SavedState | None = None) -> dict[str, float]:
+    """Seconds from launch to QMP, to the ready line (or the saved state loaded and its
+    sampler answering), and to a first SSH command answered."""
     start = time.monotonic()
-    with VM(plan.config) as vm:
+    with VM(plan.config, restore=state) as vm:
         vm.start()
         vm.run(["true"], timeout=30)
         total = time.monotonic() - start
@@ -84,6 +87,9 @@ def dynamem_boot_to_ssh(plan: Plan) -> dict[str, float]:
 class BootBench:
     bare: list[float]
     dynamem: list[float]
+    # the same VM started from its saved post-boot state (empty: not measured)
+    snapshot: list[float] = field(default_factory=list)
+    state_build_s: float = 0.0  # building that state, if this run had to
 
     @property
     def ratio_of_medians(self) -> float:
@@ -93,25 +99,49 @@ class BootBench:
     def paired_ratios(self) -> list[float]:
         return [d / b for d, b in zip(self.dynamem, self.bare, strict=True)]
 
+    @property
+    def snapshot_ratio(self) -> float:
+        """Start from the saved state / fresh boot, both to an SSH command answered."""
+        return statistics.median(self.snapshot) / statistics.median(self.dynamem)
 
-def bench_boot(plan: Plan, repeats: int, report: Callable[[str], None]) -> BootBench:
+    @property
+    def snapshot_paired_ratios(self) -> list[float]:
+        return [s / d for s, d in zip(self.snapshot, self.dynamem, strict=True)]
+
+
+def bench_boot(
+    plan: Plan, repeats: int, report: Callable[[str], None], *, snapshot: bool = True
+) -> BootBench:
     bare: list[float] = []
     ours: list[float] = []
+    restored: list[float] = []
+    arms = ["bare", "dynamem"]
+    state, built = None, 0.0
+    if snapshot:
+        state, built = snapshots.ensure(plan.config)
+        report(
+            f"saved state {state.key}: "
+            + (f"built in {built:.2f} s" if built else "already in the cache")
+            + f", {state.meta.get('stream_bytes', 0) / 2**20:.1f} MiB"
+        )
+        arms.append("snapshot")
     for i in range(repeats):
-        # Alternate which goes first so a drifting host does not favour one side.
-        order = ("bare", "dynamem") if i % 2 == 0 else ("dynamem", "bare")
+        # Rotate which goes first so a drifting host does not favour one side.
+        order = arms[i % len(arms) :] + arms[: i % len(arms)]
         for kind in order:
             if kind == "bare":
                 bare.append(bare_boot_to_init(plan))
                 report(f"repeat {i + 1}/{repeats}: bare QEMU to init     {bare[-1]:6.2f} s")
             else:
-                t = dynamem_boot_to_ssh(plan)
-                ours.append(t["ssh_command"])
+                t = dynamem_boot_to_ssh(plan, state if kind == "snapshot" else None)
+                (restored if kind == "snapshot" else ours).append(t["ssh_command"])
+                what = "saved state to SSH" if kind == "snapshot" else "dynamem to SSH answer"
+                ready = "state loaded" if kind == "snapshot" else "ready line"
                 report(
-                    f"repeat {i + 1}/{repeats}: dynamem to SSH answer {t['ssh_command']:6.2f} s"
-                    f" (QMP {t['qmp']:.2f} s, ready line {t['ready']:.2f} s)"
+                    f"repeat {i + 1}/{repeats}: {what:21} {t['ssh_command']:6.2f} s"
+                    f" (QMP {t['qmp']:.2f} s, {ready} {t['ready']:.2f} s)"
                 )
-    return BootBench(bare, ours)
+    return BootBench(bare, ours, restored, built)
 
 
 ARMS_BARE = "bare"

@@ -18,11 +18,12 @@ from typing import Any
 
 from dynamem.channel import SamplerChannel
 from dynamem.errors import DeadlineExceeded, GuestCommandError, VMError
-from dynamem.keys import make_keypair
+from dynamem.keys import KeyPair, make_keypair
 from dynamem.paths import make_run_dir
 from dynamem.qemu.config import RunFiles, VMConfig, build_argv
 from dynamem.qemu.monitor import Monitor
 from dynamem.qemu.process import QemuProcess, pid_state
+from dynamem.qemu.snapshot import SavedState, StateRejected, prepare_run_dir
 from dynamem.ssh import CommandResult, GuestShell
 
 READY = re.compile(r"^dynamem-ready: (\S+) ([\d.]+)", re.MULTILINE)
@@ -44,8 +45,14 @@ def free_port() -> int:
 
 
 class VM:
-    def __init__(self, config: VMConfig, *, keep_run_dir: bool = False) -> None:
+    """`restore`: start from a saved post-boot state (dynamem.qemu.snapshot) instead of
+    booting; the state must have been saved from this same configuration."""
+
+    def __init__(
+        self, config: VMConfig, *, keep_run_dir: bool = False, restore: SavedState | None = None
+    ) -> None:
         self.config = config
+        self.restore = restore
         self.keep_run_dir = keep_run_dir
         self.state = State.NEW
         self.run_dir: Path | None = None
@@ -88,7 +95,10 @@ class VM:
         """Launch and wait until the guest answers SSH (or raise, leaving nothing running)."""
         try:
             self.launch()
-            self.wait_ready(ready_timeout)
+            if self.restore is not None:
+                self.wait_restored(ready_timeout)
+            else:
+                self.wait_ready(ready_timeout)
             self.shell.open()
             self.timings["ssh"] = time.monotonic() - self.timings["t0"]
         except BaseException:
@@ -104,15 +114,19 @@ class VM:
         self.state = State.RUNNING
         self.run_dir = make_run_dir()
         keys = self.run_dir / "keys"
-        keys.mkdir(mode=0o700)
-        client = make_keypair(keys, "client")
-        host = make_keypair(keys, "hostkey")
+        if self.restore is not None:  # the keys the saved guest read when it booted
+            prepare_run_dir(self.restore, self.run_dir, self.config)
+            client, host = KeyPair.at(keys, "client"), KeyPair.at(keys, "hostkey")
+        else:
+            keys.mkdir(mode=0o700)
+            client = make_keypair(keys, "client")
+            host = make_keypair(keys, "hostkey")
         self._host_key = host.public_line
         fw_cfg = {"authorized_keys": client.public, "hostkey": host.private}
         if self.config.data_size:
             with open(self.run_dir / "data.img", "wb") as f:
                 f.truncate(self.config.data_size)
-        if self.config.swap == "disk":
+        if self.config.swap == "disk" and self.restore is None:
             with open(self.run_dir / "swap.img", "wb") as f:
                 f.truncate(self.config.swap_size)  # sparse: costs host disk only when used
         for attempt in range(3):  # the free port can be taken between probe and bind
@@ -120,7 +134,10 @@ class VM:
             self._monitor = Monitor(self.files.qmp_socket)
             if self.config.sampler:
                 self._sampler = SamplerChannel(self.files.sampler_socket)
-            self._process = QemuProcess(build_argv(self.config, self.files), self.files.qemu_log)
+            argv = build_argv(self.config, self.files)
+            if self.restore is not None:
+                argv += ["-incoming", "defer"]
+            self._process = QemuProcess(argv, self.files.qemu_log)
             self.timings["t0"] = time.monotonic()
             self._process.start()
             try:
@@ -171,6 +188,41 @@ class VM:
                     f"guest not ready within {timeout:g} s; last console line: {last[0][:120]}"
                 )
             time.sleep(0.01)
+
+    def wait_restored(self, timeout: float) -> None:
+        """Load the saved state into the waiting QEMU and wait until the guest runs again
+        and its sampler answers. A state QEMU cannot load raises StateRejected."""
+        assert self.restore is not None and self._process is not None
+        deadline = time.monotonic() + timeout
+        key = self.restore.key
+        self.qmp("migrate-incoming", uri=self.restore.load_uri())
+        while True:
+            if not self._process.alive():  # QEMU 7.2 exits when a load fails
+                raise StateRejected(
+                    f"QEMU could not load the saved state {key}: "
+                    f"{self._process.log_tail(2) or 'no output'}"
+                )
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(f"the saved state {key} did not load within {timeout:g} s")
+            try:
+                status = self.qmp("query-status", timeout=5.0)["status"]
+            except VMError:
+                continue  # QEMU went away between the check and the command: see above
+            if status == "running":
+                break
+            if status == "paused":  # it was saved stopped, so it loads stopped
+                self.qmp("cont")
+                continue
+            if status not in ("inmigrate", "restore-vm"):
+                raise StateRejected(f"after loading the saved state {key} the guest is {status}")
+            time.sleep(0.01)
+        self.kernel_release = self.restore.kernel_release
+        self.timings["ready"] = time.monotonic() - self.timings["t0"]
+        if self._sampler is not None:
+            try:
+                self._sampler.resumed(max(1.0, deadline - time.monotonic()))
+            except (VMError, DeadlineExceeded) as exc:
+                raise StateRejected(f"the saved state {key} loaded, but: {exc}") from exc
 
     def reboot(self, timeout: float = 180.0) -> float:
         """Reset the machine (QMP system_reset) and wait until the guest is usable again;
