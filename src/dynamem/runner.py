@@ -42,6 +42,7 @@ def cells_in_order(suite: Suite, seed: int) -> list[Cell]:
 
 # Rough costs under TCG on a 2-core host, for --dry-run estimates only.
 _BOOT_S, _STEP_FIXED_S = 8.0, 1.6
+_RESTORE_S = 1.0  # a start from a saved state (its one build per configuration aside)
 _PER_GIB_S = {
     ("balloon", -1): 4.5,
     ("balloon", 1): 1.0,
@@ -68,9 +69,8 @@ def estimate_cell_s(s: Scenario) -> float:
     resizes = sum(1 for step in s.steps if step.kind == "resize")
     warmup = 2 * resizes * _STEP_FIXED_S if s.warmup else 0.0
     touch = _WORKLOAD_PER_GIB_S["stress"] * s.touch / GiB  # touched like stress, then freed
-    return (
-        _BOOT_S + steps + warmup + touch + _WORKLOAD_PER_GIB_S[s.workload] * s.workload_size / GiB
-    )
+    start = _RESTORE_S if s.start == "snapshot" else _BOOT_S
+    return start + steps + warmup + touch + _WORKLOAD_PER_GIB_S[s.workload] * s.workload_size / GiB
 
 
 def git_commit() -> str:

@@ -162,6 +162,13 @@ def test_start_overrides_every_scenario_and_survives_a_resume():
     assert {s.start for s in back.scenarios} == {"boot"}
 
 
+def test_the_dry_run_estimate_knows_a_start_from_a_state_is_short():
+    from dynamem.runner import estimate_cell_s
+
+    a = load_suite_text(SUITE, "s.toml").scenarios[0]
+    assert estimate_cell_s(replace(a, start="snapshot")) == estimate_cell_s(a) - 7.0
+
+
 def test_an_unknown_start_is_a_one_line_error():
     with pytest.raises(UserError, match="unknown start 'warm'.*boot, snapshot"):
         load_suite_text(SUITE.replace('start = "snapshot"', 'start = "warm"'), "s.toml")
