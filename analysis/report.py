@@ -165,15 +165,36 @@ def _start_mode(rep: Report) -> str:
         parts.append(f"{fresh} cells booted fresh")
     saved = [c for c in rep.cells if c.condition.start == "snapshot"]
     if saved:
-        states = {
-            c.context.state.key: c.context.state for c in saved if c.context and c.context.state
-        }
-        identical = next(iter(states.values())).identical if states else []
+        started = [c for c in saved if c.context and c.context.state]
+        builds: dict[str, set[str]] = {}
+        for c in started:
+            assert c.context is not None and c.context.state is not None
+            builds.setdefault(c.condition.describe(), set()).add(
+                f"{c.context.state.key}/{c.context.state.build}"
+            )
+        identical = rep.store.run.metadata.start_identical or (
+            started[0].context.state.identical if started and started[0].context
+            and started[0].context.state else []
+        )  # fmt: skip
+        n_states = len(set().union(*builds.values())) if builds else 0
         parts.append(
-            f"{len(saved)} cells started from {len(states)} saved post-boot "
-            f"state{'s' if len(states) != 1 else ''} (one per machine configuration; identical "
-            f"in every cell of a state by construction: {', '.join(identical) or 'unknown'})"
+            f"{len(started)} cells started from {n_states} saved post-boot "
+            f"state{'s' if n_states != 1 else ''}"
+            + (
+                f" ({len(saved) - len(started)} more failed before starting)"
+                if len(saved) > len(started)
+                else ""
+            )  # fmt: skip
+            + f"; identical in every cell of one state by construction: "
+            f"{', '.join(identical) or 'unknown'}"
         )
+        rebuilt = [cond for cond, b in builds.items() if len(b) > 1]
+        if rebuilt:
+            parts.append(
+                f"the cells of {len(rebuilt)} condition{'s' if len(rebuilt) > 1 else ''} came "
+                "from more than one build of their state (rebuilt during the run), so they do "
+                "not all share one starting point"
+            )
     return "; ".join(parts) + " (start modes are never pooled: part of the condition)"
 
 

@@ -25,7 +25,6 @@ from dynamem.parsers import hotplug_log_lines, parse_meminfo
 from dynamem.probes.guestmem import parse_vmstat
 from dynamem.qemu import snapshot
 from dynamem.qemu.machine import VM
-from dynamem.qemu.snapshot import SavedState, StateRejected
 from dynamem.record import (
     CellContext,
     CellRecord,
@@ -257,33 +256,23 @@ def run_cell(
             swap=s.swap, swap_size=s.swap_size, cpu=s.cpu_model,
             data_size=s.workload_size if s.workload == "pagecache" else 0,
         )  # fmt: skip
-        state: SavedState | None = None
-        if s.start == "snapshot":
-            phase = "saved state"  # built here by the first cell of its configuration
-            state, timings.state_build = snapshot.ensure(plan.config)
-        vm = VM(plan.config, restore=state)
         with contextlib.ExitStack() as stack:
-            stack.enter_context(vm)
-            phase = "boot"
-            t = time.monotonic()
-            replaced = None
-            try:
-                vm.start()
-            except StateRejected as exc:  # never used: discarded and built again, once
-                assert state is not None
-                replaced = str(exc)
-                state.discard()
-                phase = "saved state"
-                state, built = snapshot.ensure(plan.config)
-                timings.state_build += built
-                vm = stack.enter_context(VM(plan.config, restore=state))
+            started = None
+            if s.start == "snapshot":
+                phase = "start from the saved state"  # the first cell of a configuration builds it
+                started = snapshot.start(plan.config, stack)
+                vm = started.vm
+                timings.state_build, timings.boot = started.fetch_s, started.boot_s
+            else:
                 phase = "boot"
+                vm = stack.enter_context(VM(plan.config))
                 t = time.monotonic()
                 vm.start()
-            timings.boot = time.monotonic() - t
+                timings.boot = time.monotonic() - t
             record.context = context_of(plan, vm, mplan)
-            if record.context.state is not None:
-                record.context.state.replaced = replaced
+            if started is not None and record.context.state is not None:
+                record.context.state.built_here = started.built
+                record.context.state.replaced = started.replaced
             phase = "preparation"
             record.preparation, timings.preparation, timings.warmup = prepare(
                 vm, mech, mplan, warmup=s.warmup, deadline_s=s.deadline

@@ -1,7 +1,9 @@
 """Per-run SSH keys: the client key dynamem logs in with and the guest's host key.
 
-Both are made fresh for each VM and handed to the guest through fw_cfg, so the host
+Both are made fresh for each booted VM and handed to the guest through fw_cfg, so the host
 knows the guest's public host key before it connects and can pin it (no trust on first use).
+A VM started from a saved state (dynamem.qemu.snapshot) uses the keys its guest read when
+that state's boot happened, saved with it; every cell of that state shares them.
 """
 
 from dataclasses import dataclass

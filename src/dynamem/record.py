@@ -22,7 +22,9 @@ Format history (the `format` key of `run.json` and of every cell record):
   driver's entry to the end of the last block's onlining or offlining, or to the look),
   `guest_looks_from`, `sampler_uevent_looks`, and the start mode: the condition's `start`
   ("boot" or "snapshot"), the context's `start` and `state` (the saved post-boot state a
-  cell started from) and the timings' `state_build`.
+  cell started from), the timings' `state_build` and the run metadata's `starts` and
+  `start_identical`. Since then `timings.boot` counts from the QEMU launch; it used to
+  include the cell's planning (under 0.1 s, now in `overhead`).
 """
 
 import dataclasses
@@ -399,8 +401,9 @@ class Condition(_Record):
 @dataclass
 class Timings(_Record):
     """Seconds per phase of a cell; `overhead` is the runner's own time. `boot` is launch to
-    ready (SSH answered, sampler connected), from a fresh boot or from a saved state; a cell
-    that had to build its configuration's saved state first spent `state_build` on it."""
+    ready (SSH answered, sampler connected), from a fresh boot or from a saved state;
+    `state_build` is getting the saved state: waiting for its lock, checking its sha256 sums
+    and, for the first cell of a configuration, building it."""
 
     boot: float = 0.0
     state_build: float = 0.0
@@ -417,11 +420,13 @@ class StartState(_Record):
     """The saved post-boot state a cell started from (dynamem.qemu.snapshot)."""
 
     key: str  # covers the machine configuration, the guest image and the QEMU binary
+    build: str | None  # which build of that key (a rebuilt state gets a new one)
     created: str | None
     boot_s: float | None  # the one fresh boot it was saved from: launch to ready
     save_s: float | None
     stream_bytes: int | None  # the saved state, zstd-compressed
     identical: list[str]  # what every cell started from it shares, by construction
+    built_here: bool = False  # this cell built it (its time is the cell's state_build)
     # why an earlier state of this configuration was discarded and this one built (QEMU
     # could not load it), if that happened in this cell
     replaced: str | None = None
@@ -531,6 +536,10 @@ class RunMetadata(_Record):
     dynamem_version: str
     git_commit: str
     python: str
+    # how the suite's cells start ("boot", "snapshot"), and what cells started from one
+    # saved state share by construction (dynamem.qemu.snapshot.IDENTICAL)
+    starts: list[str] | None = None
+    start_identical: list[str] | None = None
 
 
 @dataclass

@@ -27,6 +27,7 @@ from dynamem.cell import Cell, host_cpu_model, run_cell
 from dynamem.errors import UserError
 from dynamem.launch import plan_vm
 from dynamem.paths import checkout, results_dir
+from dynamem.qemu.snapshot import IDENTICAL
 from dynamem.record import CellRecord, RunMetadata, RunRecord, SuiteSource
 from dynamem.scenario import Scenario, Suite, load_suite_text
 from dynamem.store import RunStore
@@ -139,6 +140,9 @@ def start_run(
     """The one way a run starts (`dynamem run`, the nightly, asv alone): metadata, order
     and an empty store in `out` (default: `<raw_dir or results/raw>/<run-id>`)."""
     metadata = run_metadata(accel_request, qemu, guest)
+    metadata.starts = sorted({s.start for s in suite.scenarios})
+    if "snapshot" in metadata.starts:
+        metadata.start_identical = list(IDENTICAL)
     run = new_run(suite, seed, metadata)
     directory = out or (raw_dir or results_dir() / "raw") / run.run_id
     return RunStore.create(directory, run)
@@ -275,23 +279,24 @@ def format_table(rows: list[list[str]]) -> str:
 def overhead_summary(cells: list[CellRecord]) -> str:
     totals = [c.timings.total for c in cells]
     overhead = [c.timings.overhead for c in cells]
-    boot = [c.timings.boot for c in cells]
     if not totals:
         return "no cells"
     share = sum(overhead) / sum(totals)
-    starts = {c.condition.start for c in cells}
-    built = [c.timings.state_build for c in cells if c.timings.state_build > 0]
+    starts = []
+    for mode in sorted({c.condition.start for c in cells}):
+        times = [c.timings.boot for c in cells if c.condition.start == mode]
+        starts.append(f"{mode} to ready {statistics.median(times):.1f} s")
+    built = [c for c in cells if c.context and c.context.state and c.context.state.built_here]
     states = (
-        f"; {len(built)} saved state{'s' if len(built) != 1 else ''} built in "
-        f"{sum(built):.1f} s (in the cells' time)"
-        if built
+        f"; {len(built)} saved state{'s' if len(built) != 1 else ''} built, getting the saved "
+        f"states took {sum(c.timings.state_build for c in cells):.1f} s (in the cells' time)"
+        if any(c.condition.start == "snapshot" for c in cells)
         else ""
     )
     return (
         f"{len(cells)} cells in {sum(totals) / 60:.1f} min; per cell median "
-        f"{statistics.median(totals):.1f} s, {'/'.join(sorted(starts))} to ready "
-        f"{statistics.median(boot):.1f} s, runner overhead {statistics.median(overhead):.2f} s "
-        f"({share * 100:.1f}% of cell time){states}"
+        f"{statistics.median(totals):.1f} s, {', '.join(starts)}, runner overhead "
+        f"{statistics.median(overhead):.2f} s ({share * 100:.1f}% of cell time){states}"
     )
 
 

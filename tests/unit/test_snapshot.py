@@ -1,5 +1,6 @@
 """Saved post-boot states: what their key covers, and when a state on disk is usable."""
 
+import hashlib
 import json
 import os
 from dataclasses import replace
@@ -10,7 +11,14 @@ import pytest
 from dynamem.errors import UserError
 from dynamem.qemu import snapshot
 from dynamem.qemu.config import VMConfig
-from dynamem.record import CellRecord, Condition, MechanismConfig, Timings
+from dynamem.record import (
+    CellContext,
+    CellRecord,
+    Condition,
+    MechanismConfig,
+    StartState,
+    Timings,
+)
 from dynamem.runner import overhead_summary
 from dynamem.scenario import load_suite_text, with_start
 from dynamem.units import GiB, MiB
@@ -73,9 +81,22 @@ def test_a_replaced_guest_image_or_qemu_binary_gets_a_new_state(config, files, w
 
 def _saved(config: VMConfig, stream: bytes, **meta_changes) -> Path:
     directory = snapshot.states_dir() / snapshot.state_key(config)
-    directory.mkdir(parents=True)
+    (directory / "keys").mkdir(parents=True)
     (directory / snapshot.STREAM).write_bytes(stream)
-    meta = {"format": snapshot.FORMAT, "stream_bytes": len(stream), "kernel_release": "6.1"}
+    for name in ("client", "client.pub", "hostkey", "hostkey.pub"):
+        (directory / "keys" / name).write_text(f"key {name}\n")
+    sums = {
+        str(f.relative_to(directory)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in [directory / snapshot.STREAM, *(directory / "keys").iterdir()]
+    }
+    meta = {
+        "format": snapshot.FORMAT,
+        "build": "b1",
+        "stream_bytes": len(stream),
+        "kernel_release": "6.1",
+        "swap_bytes": None,
+        "sha256": sums,
+    }
     meta.update(meta_changes)
     (directory / snapshot.META).write_text(json.dumps(meta))
     return directory
@@ -99,6 +120,20 @@ def test_a_truncated_state_is_never_used(config):
     assert snapshot.find(config) is None
 
 
+def test_a_state_damaged_in_place_is_never_used(config):
+    directory = _saved(config, b"x" * 100)
+    with open(directory / snapshot.STREAM, "r+b") as f:
+        f.seek(40)
+        f.write(b"y")  # same size, one byte changed
+    assert snapshot.find(config) is None
+
+
+def test_a_state_whose_keys_changed_is_never_used(config):
+    directory = _saved(config, b"x" * 100)
+    (directory / "keys" / "hostkey").write_text("another key\n")
+    assert snapshot.find(config) is None
+
+
 def test_a_state_without_metadata_is_half_written_and_never_used(config):
     directory = _saved(config, b"x" * 100)
     (directory / snapshot.META).unlink()
@@ -117,8 +152,21 @@ def test_ensure_returns_a_found_state_without_building(config, monkeypatch):
         raise AssertionError("a complete state must not be built again")
 
     monkeypatch.setattr(snapshot, "build", no_build)
-    state, built_s = snapshot.ensure(config)
-    assert built_s == 0.0 and state.key == snapshot.state_key(config)
+    state, built = snapshot.ensure(config)
+    assert not built and state.key == snapshot.state_key(config)
+
+
+def test_another_dynamem_gets_its_own_state(config, monkeypatch):
+    before = snapshot.state_key(config)
+    monkeypatch.setattr(snapshot, "__version__", "0.0.0-other")
+    assert snapshot.state_key(config) != before
+
+
+def test_the_key_covers_the_command_line_dynamem_builds(config, monkeypatch):
+    before = snapshot.state_key(config)
+    # e.g. a fixed kernel argument changed in dynamem's code, not in the configuration
+    monkeypatch.setattr(VMConfig, "cmdline", property(lambda self: "console=ttyS0 other"))
+    assert snapshot.state_key(config) != before
 
 
 def test_the_load_command_quotes_the_path(tmp_path):
@@ -176,7 +224,7 @@ def test_an_unknown_start_is_a_one_line_error():
         with_start(load_suite_text(SUITE, "s.toml"), "warm")
 
 
-def _cell(start: str, boot: float, build: float) -> CellRecord:
+def _cell(start: str, boot: float, build: float, built: bool = False) -> CellRecord:
     a = load_suite_text(SUITE, "s.toml").scenarios[0]
     cond: Condition = replace(a.condition("tcg"), start=start)
     return CellRecord(
@@ -187,14 +235,28 @@ def _cell(start: str, boot: float, build: float) -> CellRecord:
         condition=cond,
         status="ok",
         timings=Timings(boot=boot, state_build=build, total=boot + build + 3, overhead=0.1),
+        context=_context(start, built),
     )
 
 
+def _context(start: str, built: bool) -> CellContext | None:
+    if start != "snapshot":
+        return None
+    state = StartState(key="k", build="b", created=None, boot_s=9.0, save_s=1.0,
+                       stream_bytes=1, identical=[], built_here=built)  # fmt: skip
+    return CellContext(accel="tcg", accel_reason="", qemu_version="7.2", guest_kernel="6.1",
+                       guest_image=None, host_kernel="", host_cpu="", cpus=2, boot_memory=1,
+                       maxmem=None, slots=0, memhp_default_state="online_movable",
+                       swap="none", swap_size=0, kernel_cmdline="", before_bytes=1,
+                       dynamem_version="0", start=start, state=state)  # fmt: skip
+
+
 def test_the_run_summary_names_the_start_and_the_state_builds():
-    line = overhead_summary([_cell("snapshot", 1.2, 15.0), _cell("snapshot", 1.3, 0.0)])
+    line = overhead_summary([_cell("snapshot", 1.2, 15.0, True), _cell("snapshot", 1.3, 0.1)])
     assert "snapshot to ready 1.2 s" in line
-    assert "1 saved state built in 15.0 s (in the cells' time)" in line
-    assert "boot to ready" in overhead_summary([_cell("boot", 9.0, 0.0)])
+    assert "1 saved state built, getting the saved states took 15.1 s" in line
+    mixed = overhead_summary([_cell("boot", 9.0, 0.0), _cell("snapshot", 1.0, 0.1)])
+    assert "boot to ready 9.0 s, snapshot to ready 1.0 s" in mixed
 
 
 def test_no_state_dir_is_made_until_one_is_needed(config, states):

@@ -23,7 +23,7 @@ from dynamem.paths import make_run_dir
 from dynamem.qemu.config import RunFiles, VMConfig, build_argv
 from dynamem.qemu.monitor import Monitor
 from dynamem.qemu.process import QemuProcess, pid_state
-from dynamem.qemu.snapshot import SavedState, StateRejected, prepare_run_dir
+from dynamem.qemu.snapshot import LOAD_FAILED, SavedState, StateRejected, prepare_run_dir
 from dynamem.ssh import CommandResult, GuestShell
 
 READY = re.compile(r"^dynamem-ready: (\S+) ([\d.]+)", re.MULTILINE)
@@ -191,38 +191,37 @@ class VM:
 
     def wait_restored(self, timeout: float) -> None:
         """Load the saved state into the waiting QEMU and wait until the guest runs again
-        and its sampler answers. A state QEMU cannot load raises StateRejected."""
+        and its sampler answers. Only a load QEMU reports as failed raises StateRejected
+        (the state is then built again); anything else is an ordinary failure."""
         assert self.restore is not None and self._process is not None
         deadline = time.monotonic() + timeout
         key = self.restore.key
         self.qmp("migrate-incoming", uri=self.restore.load_uri())
         while True:
             if not self._process.alive():  # QEMU 7.2 exits when a load fails
-                raise StateRejected(
-                    f"QEMU could not load the saved state {key}: "
-                    f"{self._process.log_tail(2) or 'no output'}"
-                )
+                log = self._process.log_tail(3)
+                if LOAD_FAILED in log:
+                    raise StateRejected(f"QEMU could not load the saved state {key}: {log}")
+                raise VMError(f"{self._exit_reason()} while loading the saved state {key}")
             if time.monotonic() > deadline:
                 raise DeadlineExceeded(f"the saved state {key} did not load within {timeout:g} s")
             try:
                 status = self.qmp("query-status", timeout=5.0)["status"]
-            except VMError:
-                continue  # QEMU went away between the check and the command: see above
+                if status == "paused":  # it was saved stopped, so it loads stopped
+                    self.qmp("cont", timeout=5.0)
+                    continue
+            except (VMError, DeadlineExceeded):
+                time.sleep(0.05)  # QEMU busy or going away: the checks above decide
+                continue
             if status == "running":
                 break
-            if status == "paused":  # it was saved stopped, so it loads stopped
-                self.qmp("cont")
-                continue
             if status not in ("inmigrate", "restore-vm"):
-                raise StateRejected(f"after loading the saved state {key} the guest is {status}")
+                raise VMError(f"after loading the saved state {key} the guest is {status}")
             time.sleep(0.01)
         self.kernel_release = self.restore.kernel_release
         self.timings["ready"] = time.monotonic() - self.timings["t0"]
         if self._sampler is not None:
-            try:
-                self._sampler.resumed(max(1.0, deadline - time.monotonic()))
-            except (VMError, DeadlineExceeded) as exc:
-                raise StateRejected(f"the saved state {key} loaded, but: {exc}") from exc
+            self._sampler.resumed(max(1.0, deadline - time.monotonic()))
 
     def reboot(self, timeout: float = 180.0) -> float:
         """Reset the machine (QMP system_reset) and wait until the guest is usable again;

@@ -23,21 +23,27 @@ import fcntl
 import hashlib
 import json
 import os
+import platform
 import shlex
 import shutil
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from dynamem import __version__
 from dynamem.errors import DeadlineExceeded, VMError
 from dynamem.paths import cache_dir
-from dynamem.qemu.config import VMConfig
+from dynamem.qemu.config import RunFiles, VMConfig, build_argv
+
+if TYPE_CHECKING:
+    from dynamem.qemu.machine import VM
 
 # Bumped whenever what a saved state holds, or how it is made, changes.
-FORMAT = 1
+FORMAT = 2
 STREAM = "state.zst"
 META = "meta.json"
 IDENTICAL = (
@@ -51,6 +57,10 @@ IDENTICAL = (
 
 class StateRejected(VMError):
     """QEMU could not load a saved state (damaged, or made by something else)."""
+
+
+# What QEMU 7.2 prints when an incoming migration fails to load, before it exits.
+LOAD_FAILED = "load of migration failed"
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,7 @@ class SavedState:
         """What a cell records about the state it started from."""
         return {
             "key": self.key,
+            "build": self.meta.get("build"),
             "created": self.meta.get("created"),
             "boot_s": self.meta.get("boot_s"),
             "save_s": self.meta.get("save_s"),
@@ -90,6 +101,7 @@ class SavedState:
         }
 
     def discard(self) -> None:
+        """Remove it; only under its lock (`start`), so nobody is loading it meanwhile."""
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -106,21 +118,37 @@ def _file_identity(path: Path | str) -> list[Any]:
     return [os.path.realpath(resolved), st.st_size, st.st_mtime_ns]
 
 
+def _argv_shape(config: VMConfig) -> list[str]:
+    """The QEMU command line with this cell's own paths and port left out: the devices, the
+    CPU model (the accelerator's default included) and the guest's whole command line,
+    dynamem's fixed kernel arguments included."""
+    run = Path("/run-dir")
+    fw_cfg = {"authorized_keys": run / "keys/client.pub", "hostkey": run / "keys/hostkey"}
+    return build_argv(config, RunFiles(run, 0, fw_cfg))
+
+
 def state_key(config: VMConfig) -> str:
-    """Everything that shapes the saved state: the whole machine configuration (memory
-    layout, devices, kernel arguments, accelerator, CPU model, swap), the guest image's
-    files and the QEMU binary. Two configurations that differ in any of them never share
-    a state."""
+    """Everything that shapes the saved state: the whole machine configuration and the
+    command line it becomes (memory layout, devices, kernel arguments, accelerator, CPU
+    model, swap and data disks), the guest image's files, the QEMU binary, dynamem itself
+    (it decides what a ready guest is) and, under KVM, the host CPU and kernel (`-cpu
+    host` is the host's). Configurations that differ in any of them never share a state."""
     fields = {
         k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()
     }
-    parts = {
+    parts: dict[str, Any] = {
         "format": FORMAT,
+        "dynamem": __version__,
         "config": fields,
+        "argv": _argv_shape(config),
         "kernel": _file_identity(config.kernel),
         "initrd": _file_identity(config.initrd),
         "qemu": _file_identity(config.qemu_binary),
     }
+    if config.accel == "kvm":
+        from dynamem.cell import host_cpu_model
+
+        parts["host"] = [host_cpu_model(), platform.release()]
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
@@ -137,8 +165,19 @@ def _locked(key: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _checked_files(directory: Path) -> list[Path]:
+    """The files a start uses, each checked against its sha256 before every use (the swap
+    image is sparse and large: its size only; the guest read its header when it booted)."""
+    return [directory / STREAM, *sorted((directory / "keys").glob("*"))]
+
+
 def find(config: VMConfig) -> SavedState | None:
-    """The saved state for `config`, if a complete one exists."""
+    """The saved state for `config`, if a complete and undamaged one exists."""
     key = state_key(config)
     directory = states_dir() / key
     try:
@@ -146,26 +185,85 @@ def find(config: VMConfig) -> SavedState | None:
     except (OSError, ValueError):
         return None
     state = SavedState(directory, key, meta)
-    try:
-        size = state.stream.stat().st_size
-    except OSError:
+    if meta.get("format") != FORMAT:
         return None
-    if meta.get("format") != FORMAT or meta.get("stream_bytes") != size:
+    sums = meta.get("sha256") or {}
+    try:
+        files = _checked_files(directory)
+        if sorted(sums) != sorted(str(f.relative_to(directory)) for f in files):
+            return None
+        if any(_sha256(f) != sums[str(f.relative_to(directory))] for f in files):
+            return None
+        swap = meta.get("swap_bytes")
+        if swap is not None and state.swap_image.stat().st_size != swap:
+            return None
+    except OSError:
         return None
     return state
 
 
-def ensure(config: VMConfig, ready_timeout: float = 180.0) -> tuple[SavedState, float]:
-    """The saved state for `config`, built now if there is none; returns it and the seconds
-    spent building it here (0 if it was there)."""
+def ensure(config: VMConfig, ready_timeout: float = 180.0) -> tuple[SavedState, bool]:
+    """The saved state for `config`, built now if there is none (or a damaged one);
+    returns it and whether it was built here."""
     key = state_key(config)
     with _locked(key):
-        state = find(config)
-        if state is not None:
-            return state, 0.0
-        start = time.monotonic()
-        state = build(config, states_dir() / key, key, ready_timeout)
-        return state, time.monotonic() - start
+        return _find_or_build(config, key, ready_timeout)
+
+
+def _find_or_build(config: VMConfig, key: str, ready_timeout: float) -> tuple[SavedState, bool]:
+    state = find(config)
+    if state is not None:
+        return state, False
+    return build(config, states_dir() / key, key, ready_timeout), True
+
+
+@dataclass
+class Started:
+    """A VM started from a saved state, and how: `fetch_s` waiting for the state's lock,
+    checking it and (if `built`) building it; `boot_s` launch to ready; `replaced` why a
+    state QEMU could not load was discarded and built again."""
+
+    vm: "VM"
+    state: SavedState
+    fetch_s: float
+    boot_s: float
+    built: bool
+    replaced: str | None = None
+
+
+def start(config: VMConfig, stack: contextlib.ExitStack, ready_timeout: float = 180.0) -> Started:
+    """Start a VM of `config` from its saved state (built first if there is none); the VM
+    is entered into `stack`, which stops it. The state's lock is held from the check to the
+    guest being ready, so no other process discards or rebuilds it while it loads; a state
+    QEMU cannot load is discarded under that lock and built again, once."""
+    from dynamem.qemu.machine import VM
+
+    key = state_key(config)
+    fetch_s = boot_s = 0.0
+    built = False
+    replaced = None
+    t = time.monotonic()
+    with _locked(key):
+        for attempt in (1, 2):
+            state, built_now = _find_or_build(config, key, ready_timeout)
+            built = built or built_now
+            vm = stack.enter_context(VM(config, restore=state))
+            fetch_s += time.monotonic() - t
+            t = time.monotonic()
+            try:
+                vm.start(ready_timeout)
+            except StateRejected as exc:
+                if attempt == 2:
+                    raise
+                replaced = str(exc)
+                state.discard()
+                if vm.run_dir is not None:  # handled and recorded: nothing to keep
+                    shutil.rmtree(vm.run_dir, ignore_errors=True)
+                t = time.monotonic()
+                continue
+            boot_s = time.monotonic() - t
+            return Started(vm, state, fetch_s, boot_s, built, replaced)
+    raise AssertionError("unreachable")
 
 
 def build(config: VMConfig, directory: Path, key: str, ready_timeout: float) -> SavedState:
@@ -190,18 +288,27 @@ def build(config: VMConfig, directory: Path, key: str, ready_timeout: float) -> 
             vm.qmp("stop")
             target = work / STREAM
             partial = work / (STREAM + ".part")
+            failed = work / "zstd.err"
+            q = {name: shlex.quote(str(path)) for name, path in
+                 (("part", partial), ("target", target), ("err", failed))}  # fmt: skip
             vm.qmp(
                 "migrate",
-                uri=f"exec:zstd -q -1 -o {shlex.quote(str(partial))} && "
-                f"mv {shlex.quote(str(partial))} {shlex.quote(str(target))}",
+                uri=f"exec:zstd -q -1 -o {q['part']} 2>{q['err']} && mv {q['part']} {q['target']}"
+                f" || touch {q['err']}.done",
             )
             _wait_migration(vm, timeout=120.0)
             # QEMU reports completion once it closed the pipe; zstd finishes after that
             deadline = time.monotonic() + 60.0
             while not target.exists():
+                if (work / "zstd.err.done").exists():
+                    raise VMError(
+                        "compressing the saved state failed: "
+                        + (failed.read_text(errors="replace").strip() or "zstd failed")
+                    )
                 if time.monotonic() > deadline:
                     raise DeadlineExceeded("the saved state's compressor did not finish in 60 s")
                 time.sleep(0.02)
+            failed.unlink(missing_ok=True)
             save_s = time.monotonic() - t
             shutil.copytree(vm.run_dir / "keys", work / "keys")
             if config.swap == "disk":  # the guest's swap header; sparse, like the original
@@ -213,11 +320,14 @@ def build(config: VMConfig, directory: Path, key: str, ready_timeout: float) -> 
         meta = {
             "format": FORMAT,
             "key": key,
+            "build": uuid.uuid4().hex[:12],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "kernel_release": kernel_release,
             "boot_s": round(boot_s, 3),
             "save_s": round(save_s, 3),
             "stream_bytes": target.stat().st_size,
+            "swap_bytes": (work / "swap.img").stat().st_size if config.swap == "disk" else None,
+            "sha256": {str(f.relative_to(work)): _sha256(f) for f in _checked_files(work)},
         }
         (work / META).write_text(json.dumps(meta, indent=1) + "\n")
         work.rename(directory)
