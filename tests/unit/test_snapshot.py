@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dynamem.errors import UserError
+from dynamem.errors import DeadlineExceeded, UserError
 from dynamem.qemu import snapshot
 from dynamem.qemu.config import VMConfig
 from dynamem.record import (
@@ -262,3 +262,15 @@ def test_the_run_summary_names_the_start_and_the_state_builds():
 def test_no_state_dir_is_made_until_one_is_needed(config, states):
     assert snapshot.find(config) is None
     assert not os.path.exists(states)
+
+
+def test_a_lock_held_too_long_is_a_one_line_error(config):
+    import fcntl
+
+    key = snapshot.state_key(config)
+    snapshot.states_dir().mkdir(parents=True)
+    with open(snapshot.states_dir() / f"{key}.lock", "w") as other:
+        fcntl.flock(other, fcntl.LOCK_EX)  # another open file: another holder
+        lock = snapshot._locked(key, wait_s=0.2)
+        with pytest.raises(DeadlineExceeded, match="held the saved state's lock"), lock:
+            pass

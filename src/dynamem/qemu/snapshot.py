@@ -153,12 +153,29 @@ def state_key(config: VMConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
+# A holder builds (boot, save: bounded by its own deadlines) or starts one guest (a few
+# seconds); longer means it is stuck (e.g. a stopped process), not busy.
+LOCK_WAIT_S = 900.0
+
+
 @contextlib.contextmanager
-def _locked(key: str) -> Iterator[None]:
+def _locked(key: str, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
     """One builder per state, also across processes (several runs, several workers)."""
     states_dir().mkdir(parents=True, exist_ok=True)
-    with open(states_dir() / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    path = states_dir() / f"{key}.lock"
+    with open(path, "w") as lock:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise DeadlineExceeded(
+                        f"another process has held the saved state's lock {path} for over "
+                        f"{wait_s:g} s"
+                    ) from None
+                time.sleep(0.05)
         try:
             yield
         finally:
