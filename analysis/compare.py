@@ -30,8 +30,12 @@ from scipy import stats
 
 from dynamem.errors import UserError
 
-from .metrics import METRICS, STEP_KEYS, outcome_counts, usable
+from .metrics import METRICS, POOLED, STEP_KEYS, outcome_counts, usable
 from .stats import holm
+
+# A scenario's step is compared within one host fingerprint (never pooled over hosts unless
+# `--pool-hosts` merged them first: metrics.pool_hosts).
+KEYS = [*STEP_KEYS, "host"]
 
 # Runs that differ in any of these measure different things; they are never pooled.
 IDENTITY = ("accel", "qemu_version", "guest_kernel", "host_cpu")
@@ -41,12 +45,24 @@ def identity_mismatch(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return [f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in IDENTITY if a.get(k) != b.get(k)]
 
 
+def host_mismatch(a: pd.DataFrame, b: pd.DataFrame) -> str | None:
+    """Why two runs' cells cannot be paired host by host, if they cannot."""
+    ha, hb = set(a["host"]), set(b["host"])
+    if ha == hb:
+        return None
+    only_a, only_b = sorted(ha - hb), sorted(hb - ha)
+    return (
+        f"host fingerprints differ: {'; '.join(only_a) or 'none'} only in A, "
+        f"{'; '.join(only_b) or 'none'} only in B"
+    )
+
+
 def condition_mismatch(a: pd.DataFrame, b: pd.DataFrame) -> list[str]:
     """Scenarios both runs hold whose conditions differ (a changed suite, CPU model...)."""
-    ca = a.drop_duplicates("scenario").set_index("scenario")["condition"]
-    cb = b.drop_duplicates("scenario").set_index("scenario")["condition"]
+    ca = a.drop_duplicates(["scenario", "host"]).set_index(["scenario", "host"])["condition"]
+    cb = b.drop_duplicates(["scenario", "host"]).set_index(["scenario", "host"])["condition"]
     common = ca.index.intersection(cb.index)
-    return [f"scenario {s}: {ca[s]!r} vs {cb[s]!r}" for s in common if ca[s] != cb[s]]
+    return [f"scenario {s[0]}: {ca[s]!r} vs {cb[s]!r}" for s in common if ca[s] != cb[s]]
 
 
 def check_comparable(diffs: list[str], run_a: str, run_b: str, allow_mixed: bool) -> list[str]:
@@ -114,8 +130,8 @@ def difference_test(a: np.ndarray, b: np.ndarray, confidence: float) -> tuple[fl
 def _metric_row(
     key: tuple[Any, ...], va: np.ndarray, vb: np.ndarray, confidence: float
 ) -> dict[str, Any]:
-    metric = METRICS[key[3]]
-    row: dict[str, Any] = dict(zip([*STEP_KEYS, "metric"], key, strict=True))
+    metric = METRICS[key[-1]]
+    row: dict[str, Any] = dict(zip([*KEYS, "metric"], key, strict=True))
     row.update(
         unit=metric.unit, better=metric.better, n_a=len(va), n_b=len(vb),
         median_a=float(np.median(va)), median_b=float(np.median(vb)),
@@ -142,31 +158,34 @@ def compare_tables(
     lacks, one line each)."""
     rows: list[dict[str, Any]] = []
     missing: list[str] = []
-    oa, ob = outcome_counts(a), outcome_counts(b)
-    ob_by = {tuple(r[:3]): r for r in ob.itertuples(index=False)}
+    oa, ob = outcome_counts(a, KEYS), outcome_counts(b, KEYS)
+    width = len(KEYS)
+    ob_by = {tuple(r[:width]): r for r in ob.itertuples(index=False)}
     for r in oa.itertuples(index=False):
-        key = tuple(r[:3])
+        key = tuple(r[:width])
         other = ob_by.get(key)
-        where = f"{r.scenario} step {r.step_index} ({r.step})"
+        where = f"{r.scenario} step {r.step_index} ({r.step})" + (
+            f" on {r.host}" if r.host and r.host != POOLED else ""
+        )
         if other is None:
             missing.append(f"{where}: in A ({r.ok}/{r.n} ok), missing in B")
             continue
-        row: dict[str, Any] = dict(zip(STEP_KEYS, key, strict=True))
+        row: dict[str, Any] = dict(zip(KEYS, key, strict=True))
         row.update(metric="succeeded", unit="share", better="higher", n_a=r.n, n_b=other.n,
                    median_a=r.share, median_b=other.share,
                    note=f"{r.ok}/{r.n} -> {other.ok}/{other.n}")  # fmt: skip
         row["verdict"] = "worse" if other.share < r.share else "no change"
         rows.append(row)
     ua, ub = usable(a), usable(b)
-    keys = [*STEP_KEYS, "metric"]
+    keys = [*KEYS, "metric"]
     grouped_b = {k: g["value"].to_numpy(float) for k, g in ub.groupby(keys)}
-    present_b = {tuple(r[:3]) for r in ob.itertuples(index=False)}
+    present_b = {tuple(r[:width]) for r in ob.itertuples(index=False)}
     tested: list[dict[str, Any]] = []
     for key, ga in ua.groupby(keys):
         if key not in grouped_b:
-            if tuple(key[:3]) in present_b:
+            if tuple(key[:width]) in present_b:
                 missing.append(
-                    f"{key[0]} step {key[1]} ({key[2]}): metric {key[3]} in A "
+                    f"{key[0]} step {key[1]} ({key[2]}): metric {key[-1]} in A "
                     f"({len(ga)} values), none usable in B"
                 )
             continue
@@ -234,9 +253,12 @@ def format_rows(table: pd.DataFrame, alpha: float = 0.05) -> list[list[str]]:
     level is nominal: with 3 to 5 values per run it is approximate."""
     rows = [["scenario", "step", "metric", "A", "B", "B/A or B-A",
              f"Welch {1 - alpha:.0%} interval (approx.)", "p (Holm)", "verdict"]]  # fmt: skip
+    hosts = sorted(set(table["host"])) if "host" in table and not table.empty else []
+    label = {h: f"H{k}" for k, h in enumerate(hosts, 1)}
     for r in table.itertuples():
+        scenario = r.scenario + (f" ({label[r.host]})" if len(hosts) > 1 else "")
         if r.metric == "succeeded":
-            rows.append([r.scenario, r.step, "success share", f"{r.median_a:.0%}",
+            rows.append([scenario, r.step, "success share", f"{r.median_a:.0%}",
                          f"{r.median_b:.0%}", "-", r.note, "-", r.verdict])  # fmt: skip
             continue
         if r.method == "ratio":
@@ -246,7 +268,7 @@ def format_rows(table: pd.DataFrame, alpha: float = 0.05) -> list[list[str]]:
         else:
             effect, ci = "-", r.note
         rows.append([
-            r.scenario, r.step, r.metric, f"{r.median_a:.4g}", f"{r.median_b:.4g}", effect, ci,
+            scenario, r.step, r.metric, f"{r.median_a:.4g}", f"{r.median_b:.4g}", effect, ci,
             f"{r.p_holm:.3g}" if np.isfinite(r.p_holm) else "-", r.verdict,
         ])  # fmt: skip
     return rows

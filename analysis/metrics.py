@@ -191,7 +191,7 @@ def driver_or_look(table: pd.DataFrame) -> str:
 
 CONDITION_COLUMNS = [
     "accel", "cpu_model", "cpus", "memory_mib", "workload", "workload_mib", "touch_mib",
-    "swap", "swap_mib", "memhp", "kernel_args", "warmup", "observer", "start", "steps",
+    "swap", "swap_mib", "memhp", "kernel_args", "warmup", "observer", "start", "steps", "host",
 ]  # fmt: skip
 ROW_KEYS = [
     "run_id", "cell", "scenario", "repeat", "cell_status", "mechanism", "variant",
@@ -209,6 +209,33 @@ def _planned_resizes(cell: CellRecord) -> Iterator[tuple[int, str, str, float]]:
             yield k, label, words[0], parse_size(words[1]) / MiB
 
 
+POOLED = "pooled hosts"  # the host of every row once `--pool-hosts` merged them
+HOST_PART = "; host "  # how a condition's text names its host fingerprint (always last)
+
+
+def host_fingerprint(cell: CellRecord) -> str:
+    """The fingerprint of the host a cell ran on ("" for records from before cells kept it)."""
+    return cell.host.fingerprint if cell.host is not None else ""
+
+
+def condition_of(cell: CellRecord) -> str:
+    """The condition a cell's numbers belong to: its scenario's condition and the host
+    fingerprint it ran on. Cells differing in either are never pooled."""
+    host = host_fingerprint(cell)
+    return cell.condition.describe() + (HOST_PART + host if host else "")
+
+
+def pool_hosts(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with every host fingerprint merged into one (`--pool-hosts`): what is
+    compared is then the mixture of hosts each run happened to use."""
+    if table.empty:
+        return table
+    out = table.copy()
+    out["host"] = POOLED
+    out["condition"] = out["condition"].str.split(HOST_PART, n=1, regex=False).str[0]
+    return out
+
+
 def tidy(cells: Iterable[CellRecord], run_id: str = "") -> pd.DataFrame:
     """Rows for every metric a resize step has (missing figures give no row), for every
     cell, failed ones included; a resize a failed cell never reached gives one
@@ -216,12 +243,13 @@ def tidy(cells: Iterable[CellRecord], run_id: str = "") -> pd.DataFrame:
     rows: list[tuple[object, ...]] = []
     for cell in cells:
         c = cell.condition
+        host = host_fingerprint(cell)
         head = (
             run_id, cell.cell, cell.scenario, cell.repeat, cell.status, cell.mechanism.label,
             cell.mechanism.variant, c.accel, c.cpu_model, c.cpus, c.memory / MiB, c.workload,
             c.workload_size / MiB, c.touch / MiB, c.swap, c.swap_size / MiB,
             c.memhp_default_state, " ".join(c.kernel_args), c.warmup, c.observer, c.start,
-            ", ".join(c.steps), c.describe(), c.workload_label, cell.reproduces or "",
+            ", ".join(c.steps), host, condition_of(cell), c.workload_label, cell.reproduces or "",
         )  # fmt: skip
         recorded = dict(cell.resizes())
         for k, label, direction, size in _planned_resizes(cell):

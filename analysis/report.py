@@ -28,6 +28,7 @@ from .metrics import (
     CONDITION_COLUMNS,
     METRICS,
     MiB,
+    condition_of,
     driver_or_look,
     outcome_counts,
     resize_steps,
@@ -106,8 +107,7 @@ class Report:
 
     def cond_of(self, cell: CellRecord) -> str:
         """A cell's condition as figures label it, e.g. "C2: stress 614M"."""
-        c = cell.condition
-        return f"{self.cid(c.describe())}: {c.workload_label}"
+        return f"{self.cid(condition_of(cell))}: {cell.condition.workload_label}"
 
     def direction_shares(self) -> dict[tuple[str, str, str], tuple[int, int]]:
         """(mechanism, cond, direction) -> (ok, n), for figure legends."""
@@ -169,7 +169,7 @@ def _start_mode(rep: Report) -> str:
         builds: dict[str, set[str]] = {}
         for c in started:
             assert c.context is not None and c.context.state is not None
-            builds.setdefault(c.condition.describe(), set()).add(
+            builds.setdefault(condition_of(c), set()).add(
                 f"{c.context.state.key}/{c.context.state.build}"
             )
         identical = rep.store.run.metadata.start_identical or (
@@ -196,6 +196,34 @@ def _start_mode(rep: Report) -> str:
                 "not all share one starting point"
             )
     return "; ".join(parts) + " (start modes are never pooled: part of the condition)"
+
+
+def _hosts(rep: Report) -> str:
+    """Where the cells ran: each host fingerprint (never pooled: part of the condition)
+    with its cells and workers, how busy its CPUs were during the steps, lost workers."""
+    cluster = rep.store.run.metadata.cluster
+    by_fp: dict[str, list[CellRecord]] = {}
+    for c in rep.cells:
+        by_fp.setdefault(c.host.fingerprint if c.host else "not recorded", []).append(c)
+    parts = [f"cluster `{cluster}`" if cluster else "serial (one cell at a time)"]
+    for k, (fp, cells) in enumerate(sorted(by_fp.items()), 1):
+        workers = sorted({f"{c.host.worker}@{c.host.name}" for c in cells if c.host})
+        loads = [c.host.load.busy_all for c in cells if c.host and c.host.load]
+        busy = f", host CPUs {np.median(loads):.0%} busy during the steps (median)" if loads else ""
+        parts.append(
+            f"H{k} {fp}: {len(cells)} cells on {len(workers)} worker"
+            f"{'s' if len(workers) != 1 else ''}{busy}"
+        )
+    lost = [c for c in rep.cells if c.lost_attempts]
+    if lost:
+        parts.append(
+            f"{len(lost)} cells lost a worker and ran again ({sum(c.ok for c in lost)} then ok)"
+        )
+    return "; ".join(parts) + (
+        " (cells from different host fingerprints are never pooled: part of the condition)"
+        if len(by_fp) > 1
+        else ""
+    )
 
 
 def _setup(rep: Report) -> None:
@@ -228,6 +256,7 @@ def _setup(rep: Report) -> None:
                 ["dynamem", f"{meta.dynamem_version} at `{meta.git_commit[:12]}`"],
                 ["observer", ", ".join(observers)],
                 ["start", _start_mode(rep)],
+                ["where", _hosts(rep)],
                 ["statistics", f"{INTERVAL}; Mann-Whitney U with Holm's correction, alpha {ALPHA}"],
                 [
                     "what is counted",
@@ -436,7 +465,7 @@ def _q_watermarks(rep: Report, mechs: list[str]) -> None:
     moved: dict[tuple[str, int, str, str], list[bool]] = {}
     for cell, k, step in resize_steps(rep.cells):
         if step.cost.guest is not None:
-            key = (cell.condition.describe(), k, step.step, cell.mechanism.label)
+            key = (condition_of(cell), k, step.step, cell.mechanism.label)
             moved.setdefault(key, []).append(any(step.cost.guest.watermarks_moved.values()))
     shares = _shares(rep.table, ["condition", "step_index", "mechanism"])
     if moved:
@@ -586,7 +615,7 @@ def _q_other_steps(rep: Report) -> None:
                     "")  # fmt: skip
             return
         good = [(c, s) for c, s in found if c.ok]
-        rep.add(*(f"- `{c.cell}` ({c.mechanism.label}, {rep.cid(c.condition.describe())}): "
+        rep.add(*(f"- `{c.cell}` ({c.mechanism.label}, {rep.cid(condition_of(c))}): "
                   f"{describe(s)}" for c, s in good))  # fmt: skip
         failed = sorted(c.cell for c in planned if not c.ok)
         rep.add(f"{len(good)} of {len(planned)} cells with a `{name}` step completed"

@@ -9,6 +9,7 @@ failure is recorded with the phase it happened in; only Ctrl-C escapes.
 """
 
 import contextlib
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from dynamem import __version__
+from dynamem import __version__, placement
 from dynamem.errors import DynamemError, VMError
 from dynamem.faults import Injector
 from dynamem.launch import Plan, plan_vm
@@ -24,11 +25,13 @@ from dynamem.mechanisms import Mechanism, MemoryPlan
 from dynamem.parsers import hotplug_log_lines, parse_meminfo
 from dynamem.probes.guestmem import parse_vmstat
 from dynamem.qemu import snapshot
+from dynamem.qemu.accel import qemu_version
 from dynamem.qemu.machine import VM
 from dynamem.record import (
     CellContext,
     CellRecord,
     FreeStep,
+    HostInfo,
     Injected,
     OomStep,
     RebootStep,
@@ -225,14 +228,30 @@ def _impact(vm: VM, log: dict[str, Any], step: ResizeStep) -> WorkloadImpact | N
     return impact_during(log, offset, step.t_request_ns, done)
 
 
+def _host(worker: str, qemu: str, accel_name: str) -> HostInfo:
+    try:
+        version = ".".join(map(str, qemu_version(qemu)))
+    except DynamemError:
+        version = "unknown"  # the cell's plan fails on it and says why
+    return placement.host_info(worker, host_cpu_model(), accel_name, version)
+
+
 def run_cell(
-    cell: Cell, *, accel_request: str | None, qemu: str, guest: str, accel: str
+    cell: Cell,
+    *,
+    accel_request: str | None,
+    qemu: str,
+    guest: str,
+    accel: str,
+    worker: str = "serial",
 ) -> CellRecord:
     """One cell; returns its typed record (time series in its steps). `accel` is the
-    accelerator the run chose, the cell's condition even if its own planning fails."""
+    accelerator the run chose, the cell's condition even if its own planning fails;
+    `worker` is who runs it (a Dask worker's name), on the CPUs the calling thread may use."""
     s = cell.scenario
     t0 = time.monotonic()
     timings = Timings()
+    host = _host(worker, qemu, accel)
     record = CellRecord(
         cell=cell.id,
         scenario=s.name,
@@ -242,6 +261,7 @@ def run_cell(
         timings=timings,
         reproduces=s.reproduces,
         scenario_config=dict(s.raw),
+        host=host,
     )
     vm: VM | None = None
     phase = "plan"  # where a failure happened, recorded with it
@@ -270,6 +290,7 @@ def run_cell(
                 vm.start()
                 timings.boot = time.monotonic() - t
             record.context = context_of(plan, vm, mplan)
+            host.qemu_cpus = sorted(os.sched_getaffinity(vm.pid))  # the pinning, as applied
             if started is not None and record.context.state is not None:
                 record.context.state.built_here = started.built
                 record.context.state.replaced = started.replaced
@@ -287,6 +308,7 @@ def run_cell(
             timings.workload_start = workload.start(vm, timeout=s.deadline)
             record.workload_ready_s = timings.workload_start
             t = time.monotonic()
+            load = placement.mark()
             sizes = iter(mplan.path)
             for k, step in enumerate(s.steps):
                 phase = f"step {k} ({step})"
@@ -310,6 +332,7 @@ def run_cell(
                     record.steps.append(_other_step(vm, mech, workload, step))
                 vm.check_health()
             timings.steps = time.monotonic() - t
+            host.load = placement.load_since(load, host.cpus)
             phase = "workload stop"
             # (a free step stops the workload on purpose; an oom step may kill it)
             expect_alive = not any(step.kind in ("oom", "free") for step in s.steps)

@@ -154,6 +154,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dynamem.scenario import load_suite, with_control_arm, with_repeats, with_start
     from dynamem.store import RunStore
 
+    spec = None
+    if args.cluster:
+        from dynamem.cluster import parse_spec
+
+        spec = parse_spec(args.cluster)  # a bad spec or hosts file: one line, nothing boots
     if args.resume:
         if args.start:
             raise UserError("run: --start cannot change a run being resumed (it keeps its own)")
@@ -178,8 +183,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             print("\n".join(runner.dry_run_lines(suite, seed)))
             return 0
         store = runner.start_run(
-            suite, seed, accel_request=args.accel, qemu=args.qemu, guest=args.guest, out=args.out
-        )
+            suite, seed, accel_request=args.accel, qemu=args.qemu, guest=args.guest, out=args.out,
+            cluster=spec.text if spec else None,
+        )  # fmt: skip
         print(
             f"run {store.run.run_id}: {len(store.run.order)} cells -> {store.directory} "
             f"({store.run.metadata.accel}, seed {seed})",
@@ -192,6 +198,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             qemu=args.qemu,
             guest=args.guest,
             report=lambda m: print(m, file=sys.stderr),
+            cluster=spec,
         )
     except KeyboardInterrupt as exc:
         print(
@@ -232,7 +239,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import dataclasses
 
     from dynamem.analysis import compare
-    from dynamem.analysis.metrics import tidy
+    from dynamem.analysis.metrics import pool_hosts, tidy
     from dynamem.runner import format_table
     from dynamem.store import RunStore
 
@@ -243,6 +250,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"{store.directory}: {problem}", file=sys.stderr)
         tables.append(tidy(cells, store.run.run_id))
+    if args.pool_hosts:
+        tables = [pool_hosts(t) for t in tables]
+        print("pooled: each run's cells over all the host fingerprints it ran on", file=sys.stderr)
+    elif (hosts := compare.host_mismatch(*tables)) is not None:
+        raise UserError(
+            f"compare: {hosts}; cells of different hosts are never paired (pass --pool-hosts "
+            "to compare each run pooled over its hosts)"
+        )
     diffs = compare.identity_mismatch(
         dataclasses.asdict(a.run.metadata), dataclasses.asdict(b.run.metadata)
     ) + compare.condition_mismatch(*tables)
@@ -261,6 +276,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise UserError("compare: the two runs have no scenario step and metric in common")
     if not table.empty:
         print(format_table(compare.format_rows(table, args.alpha)))
+        hosts = sorted(set(table["host"]))
+        if len(hosts) > 1:
+            print("\n".join(f"H{k} = {h}" for k, h in enumerate(hosts, 1)))
         counts = table["verdict"].value_counts().to_dict()
         print(
             f"A = {a.run.run_id}, B = {b.run.run_id}; alpha {args.alpha}, noise "
@@ -652,6 +670,13 @@ def build_parser() -> argparse.ArgumentParser:
         "machine configuration's saved post-boot state (built once, cached)",
     )
     p.add_argument(
+        "--cluster",
+        metavar="SPEC",
+        help="run the cells on a Dask cluster: local:N (N at once on this host, each on its "
+        "own CPUs), ssh:HOSTS.toml (workers started over SSH), tcp://HOST:PORT (a running "
+        "scheduler); this process writes every record",
+    )
+    p.add_argument(
         "--no-report",
         action="store_true",
         help="skip the report (results/report/<run-id>/index.html) at the end",
@@ -675,6 +700,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="changes below this share are noise (default: 0.10; for two tcg-icount runs, "
         "derived from their own repeat-to-repeat spread)",
+    )
+    p.add_argument(
+        "--pool-hosts",
+        action="store_true",
+        help="pool each run's cells over the host fingerprints it ran on (by default cells "
+        "are compared host by host, and runs on different hosts are refused)",
     )
     p.add_argument(
         "--allow-mixed",

@@ -461,6 +461,30 @@ class CellContext(_Record):
 
 
 @dataclass
+class HostLoad(_Record):
+    """How busy the cell's host was while its steps ran (/proc/stat over the steps): the
+    measure of interference between cells that share a host (`--cluster local:N`)."""
+
+    seconds: float
+    busy_all: float  # share of all the host's CPUs busy (0-1)
+    busy_cpuset: float  # share of the cell's own CPU set busy (its QEMU's, mostly)
+    loadavg_1m: float  # at the end of the steps
+
+
+@dataclass
+class HostInfo(_Record):
+    """Where a cell ran. Cells whose fingerprints differ are never pooled: the fingerprint
+    is part of the condition the report and `compare` group by."""
+
+    name: str  # the host's name (platform.node())
+    worker: str  # "serial", or the Dask worker that ran the cell
+    cpus: list[int]  # the host CPUs the cell (QEMU's threads included) was pinned to
+    fingerprint: str  # CPU model, host kernel, QEMU version, accelerator, CPU count
+    load: HostLoad | None = None
+    qemu_cpus: list[int] | None = None  # the CPUs QEMU was allowed, read from its PID
+
+
+@dataclass
 class Injected(_Record):
     fault: str
     fired: bool
@@ -484,6 +508,10 @@ class CellRecord(_Record):
     timings: Timings = field(default_factory=Timings)
     context: CellContext | None = None
     injected: Injected | None = None
+    host: HostInfo | None = None  # where it ran (None: recorded before cells kept it)
+    # earlier attempts of this cell lost with their Dask worker (each: worker and reason);
+    # the cell was then run again, this record is that run
+    lost_attempts: list[str] = field(default_factory=list)
     workload_ready_s: float | None = None
     reproduces: str | None = None  # a published experiment this scenario runs (scaled)
     scenario_config: dict[str, Any] = field(default_factory=dict)  # as written in the suite
@@ -540,6 +568,7 @@ class RunMetadata(_Record):
     # saved state share by construction (dynamem.qemu.snapshot.IDENTICAL)
     starts: list[str] | None = None
     start_identical: list[str] | None = None
+    cluster: str | None = None  # `--cluster` of the invocation that started it (None: serial)
 
 
 @dataclass

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -32,6 +32,9 @@ from dynamem.record import CellRecord, RunMetadata, RunRecord, SuiteSource
 from dynamem.scenario import Scenario, Suite, load_suite_text
 from dynamem.store import RunStore
 from dynamem.units import GiB, format_size
+
+if TYPE_CHECKING:
+    from dynamem.cluster import ClusterSpec
 
 
 def cells_in_order(suite: Suite, seed: int) -> list[Cell]:
@@ -136,6 +139,7 @@ def start_run(
     guest: str,
     out: Path | None = None,
     raw_dir: Path | None = None,
+    cluster: str | None = None,
 ) -> RunStore:
     """The one way a run starts (`dynamem run`, the nightly, asv alone): metadata, order
     and an empty store in `out` (default: `<raw_dir or results/raw>/<run-id>`)."""
@@ -143,6 +147,7 @@ def start_run(
     metadata.starts = sorted({s.start for s in suite.scenarios})
     if "snapshot" in metadata.starts:
         metadata.start_identical = list(IDENTICAL)
+    metadata.cluster = cluster
     run = new_run(suite, seed, metadata)
     directory = out or (raw_dir or results_dir() / "raw") / run.run_id
     return RunStore.create(directory, run)
@@ -193,11 +198,13 @@ def run_suite(
     qemu: str,
     guest: str,
     report: Callable[[str], None] = print,
+    cluster: "ClusterSpec | None" = None,
 ) -> list[CellRecord]:
     """Run every cell of the store's run not yet completed; returns all cell records.
 
     Every cell runs under the accelerator the run recorded (a resumed tcg-icount run must
-    not go on under plain TCG with its records still saying tcg-icount)."""
+    not go on under plain TCG with its records still saying tcg-icount). With `cluster`,
+    the cells run on its Dask workers and this process writes their records as they come."""
     run = store.run
     recorded = run.metadata.accel
     if accel_request not in (None, "auto", recorded):
@@ -213,16 +220,47 @@ def run_suite(
     todo = [by_id[i] for i in run.order if i not in store.completed()]
     progress = Progress(len(run.order), sum(estimate_cell_s(c.scenario) for c in todo))
     progress.done = progress.done_before = len(run.order) - len(todo)
-    for cell in todo:
-        progress.show(f"{cell.id}")
-        record = run_cell(
-            cell, accel_request=accel_request, qemu=qemu, guest=guest, accel=run.metadata.accel
-        )
+
+    def write(record: CellRecord) -> None:
         store.write_cell(record)
         progress.done += 1
         if not record.ok:
             progress.finish()
-            report(f"cell {cell.id} failed: {record.error}")
+            report(f"cell {record.cell} failed: {record.error}")
+
+    if cluster is None:
+        for cell in todo:
+            progress.show(f"{cell.id}")
+            write(
+                run_cell(
+                    cell,
+                    accel_request=accel_request,
+                    qemu=qemu,
+                    guest=guest,
+                    accel=run.metadata.accel,
+                )  # fmt: skip
+            )
+    else:
+        from dynamem import cluster as dask_cluster
+
+        options = {"accel_request": accel_request, "qemu": qemu, "guest": guest,
+                   "accel": run.metadata.accel}  # fmt: skip
+        holder: list[dask_cluster.Dispatch] = []
+
+        def show(current: str) -> None:
+            counts = holder[0].counts() if holder else ""
+            progress.show(current + (f"  [{counts}]" if counts else ""))
+
+        def told(line: str) -> None:
+            progress.finish()
+            report(line)
+
+        dispatch = dask_cluster.run_cells(
+            cluster, todo, write, options=options, report=told, progress=show,
+            started=holder.append,
+        )  # fmt: skip
+        for line in dispatch.moved:
+            report(f"moved to another host (its own had no worker left): {line}")
     progress.show("done")
     progress.finish()
     cells, problems = store.load_cells()
