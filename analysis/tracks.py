@@ -34,10 +34,21 @@ from dynamem.errors import UserError
 from dynamem.qemu.config import ICOUNT
 from dynamem.scenario import Suite, load_suite, load_suite_text
 
-from .metrics import METRICS, MiB, cell_outcomes, driver_or_look, outcome_counts, tidy, usable
+from .metrics import (
+    METRICS,
+    MiB,
+    cell_outcomes,
+    driver_or_look,
+    host_fingerprint,
+    outcome_counts,
+    tidy,
+    usable,
+)
 from .stats import group_stats
 
 ENV_RAW = "DYNAMEM_ASV_RAW"  # a finished raw run directory to read instead of booting
+# the host fingerprint whose cells asv reads (a run over several hosts: one asv machine each)
+ENV_HOST = "DYNAMEM_ASV_HOST"
 ENV_SUITE = "DYNAMEM_ASV_SUITE"  # the suite to run when no raw run is given
 DEFAULT_SUITE = "nightly"
 # A suite whose parameter grid a run's grid is framed in (Grid.frame): `dynamem nightly`
@@ -177,11 +188,14 @@ class Cache:
         return track.metric
 
 
-def cache_of(directory: Path) -> Cache:
+def cache_of(directory: Path, host: str | None = None) -> Cache:
+    """A raw run's tables; with `host`, only the cells that ran on that host fingerprint."""
     from dynamem.store import RunStore
 
     store = RunStore.open(directory)
     cells, problems = store.load_all()  # unfinished cells counted as failed
+    if host is not None:
+        cells = [c for c in cells if host_fingerprint(c) == host]
     missing = set(store.run.order) - store.completed()
     problems = [p for p in problems if not p.startswith("cell ")] + [
         f"cell {c} never finished" for c in sorted(missing)
@@ -195,7 +209,7 @@ def load_cache() -> Cache:
     """The raw run named by DYNAMEM_ASV_RAW, or a fresh run of the grid's suite (boots)."""
     raw = os.environ.get(ENV_RAW)
     if raw:
-        return cache_of(Path(raw))
+        return cache_of(Path(raw), os.environ.get(ENV_HOST))
     from dynamem import runner
 
     suite = bench_grid().suite

@@ -18,8 +18,9 @@ apt_packages=(qemu-system-x86 qemu-utils kmod binutils cpio zstd gcc libc6-dev p
 # npm fetches the asv page's scripts (below); Debian's package only where none is installed.
 command -v npm >/dev/null || apt_packages+=(npm)
 # chromium: only the test that renders the asv page (with its recommends: fonts).
+# openssh-server and -client: the cluster tests start their own sshd on loopback ports.
 test_packages=()
-if [ "$job" = test ]; then test_packages+=(chromium); fi
+if [ "$job" = test ]; then test_packages+=(chromium openssh-server openssh-client); fi
 
 missing_of() {
     local pkg
@@ -36,7 +37,15 @@ if ((${#missing[@]} + ${#missing_test[@]})); then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
     fi
     if ((${#missing_test[@]})); then
+        # Installing openssh-server must not start the system's own sshd: the tests run
+        # theirs. policy-rc.d (only if none exists) tells the package scripts not to.
+        if [ ! -e /usr/sbin/policy-rc.d ]; then
+            trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+            printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+            chmod +x /usr/sbin/policy-rc.d
+        fi
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing_test[@]}"
+        if trap -p EXIT | grep -q policy-rc.d; then rm -f /usr/sbin/policy-rc.d; trap - EXIT; fi
     fi
 fi
 

@@ -228,12 +228,15 @@ def _impact(vm: VM, log: dict[str, Any], step: ResizeStep) -> WorkloadImpact | N
     return impact_during(log, offset, step.t_request_ns, done)
 
 
-def _host(worker: str, qemu: str, accel_name: str) -> HostInfo:
+def qemu_version_text(qemu: str) -> str:
     try:
-        version = ".".join(map(str, qemu_version(qemu)))
+        return ".".join(map(str, qemu_version(qemu)))
     except DynamemError:
-        version = "unknown"  # the cell's plan fails on it and says why
-    return placement.host_info(worker, host_cpu_model(), accel_name, version)
+        return "unknown"  # a cell's plan fails on it and says why
+
+
+def _host(worker: str, qemu: str, accel_name: str) -> HostInfo:
+    return placement.host_info(worker, host_cpu_model(), accel_name, qemu_version_text(qemu))
 
 
 def run_cell(

@@ -250,9 +250,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"{store.directory}: {problem}", file=sys.stderr)
         tables.append(tidy(cells, store.run.run_id))
-    if args.pool_hosts:
+    older = [s.run.run_id for s, t in zip((a, b), tables, strict=True) if set(t["host"]) == {""}]
+    if args.pool_hosts or older:
         tables = [pool_hosts(t) for t in tables]
-        print("pooled: each run's cells over all the host fingerprints it ran on", file=sys.stderr)
+        why = (
+            f"run {older[0]} predates host fingerprints (its metadata's host is checked below)"
+            if older and not args.pool_hosts
+            else "--pool-hosts"
+        )
+        print(f"pooled over host fingerprints ({why})", file=sys.stderr)
     elif (hosts := compare.host_mismatch(*tables)) is not None:
         raise UserError(
             f"compare: {hosts}; cells of different hosts are never paired (pass --pool-hosts "

@@ -16,6 +16,7 @@ fingerprints differ are never pooled (`dynamem.placement`).
 """
 
 import contextlib
+import platform
 import sys
 import time
 import tomllib
@@ -25,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dynamem.cell import Cell, run_cell
+from dynamem.cell import Cell, host_cpu_model, qemu_version_text, run_cell
 from dynamem.errors import UserError
-from dynamem.placement import available_cpus, pin, split_cpus
-from dynamem.record import CellRecord
+from dynamem.placement import available_cpus, fingerprint, pin, split_cpus
+from dynamem.record import CellRecord, HostInfo
 
 LOST_LIMIT = 2  # attempts of one cell lost with their worker before it is recorded failed
 NO_WORKER_S = 120.0  # how long the driver waits for any worker before it gives up
@@ -46,6 +47,7 @@ class SshHost:
     cpus_per_worker: int | None = None  # None: the host's CPUs shared equally
     workdir: str | None = None
     python: str = sys.executable
+    env: tuple[tuple[str, str], ...] = ()  # set in the worker (e.g. DYNAMEM_CACHE)
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,9 @@ def _host(data: Any, k: int, base: Path, where: str) -> SshHost:
     for key in ("port", "workers", "cpus_per_worker"):
         if key in data and (not isinstance(data[key], int) or data[key] < 1):
             raise UserError(f"{where}: host {k}: {key} must be a positive integer")
+    env = data.get("env", {})
+    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+        raise UserError(f"{where}: host {k}: env must be a table of strings")
     paths = {}
     for key in ("key", "known_hosts"):
         path = (base / Path(data[key]).expanduser()).resolve()
@@ -82,7 +87,7 @@ def _host(data: Any, k: int, base: Path, where: str) -> SshHost:
     name = data.get("name") or f"{data['address']}:{data.get('port', 22)}"
     if "/" in name:
         raise UserError(f"{where}: host {k}: name {name!r} must not contain '/'")
-    return SshHost(**{**data, **paths, "name": name})
+    return SshHost(**{**data, **paths, "name": name, "env": tuple(sorted(env.items()))})
 
 
 def load_hosts(path: Path) -> tuple[tuple[SshHost, ...], str]:
@@ -152,6 +157,8 @@ def _ssh_cluster(spec: ClusterSpec) -> Any:
             kwargs: dict[str, Any] = {"name": name, "nthreads": 1}
             if h.workdir:
                 kwargs["local_directory"] = h.workdir
+            if h.env:
+                kwargs["env"] = dict(h.env)
             workers[name] = {
                 "cls": Worker,
                 "options": {
@@ -217,7 +224,20 @@ class Slot:
     name: str
     host: str  # the host it belongs to, for assignment (a real host may hold several)
     cpus: list[int]
+    node: str = ""  # the host's own name
+    fingerprint: str = ""  # what its cells record (placement.host_info), known up front
     busy: Any = None  # the future of the cell it runs
+
+
+def probe(qemu: str) -> dict[str, Any]:
+    """Run on each worker once: what its slot needs before any cell runs there."""
+    return {
+        "cpus": available_cpus(),
+        "node": platform.node() or "host",
+        "cpu": host_cpu_model(),
+        "kernel": platform.release(),
+        "qemu": qemu_version_text(qemu),
+    }
 
 
 def host_of(spec: ClusterSpec, name: str, info: dict[str, Any]) -> str:
@@ -229,7 +249,10 @@ def host_of(spec: ClusterSpec, name: str, info: dict[str, Any]) -> str:
 
 
 def plan_slots(
-    spec: ClusterSpec, workers: dict[str, dict[str, Any]], cpus: dict[str, list[int]]
+    spec: ClusterSpec,
+    workers: dict[str, dict[str, Any]],
+    probes: dict[str, dict[str, Any]],
+    accel: str,
 ) -> list[Slot]:
     """A slot per worker, with the CPU set it pins its cells to: its host's CPUs split into
     disjoint sets, one per worker of that host (or `cpus_per_worker` each)."""
@@ -241,9 +264,12 @@ def plan_slots(
     slots = []
     for host, members in sorted(per_host.items()):
         members.sort()
-        pool = cpus[members[0][1]]
+        pool = probes[members[0][1]]["cpus"]
         sets = split_cpus(pool, len(members), per_worker.get(host))
-        slots += [Slot(a, n, host, s) for (n, a), s in zip(members, sets, strict=True)]
+        for (name, address), cpus in zip(members, sets, strict=True):
+            p = probes[address]
+            fp = fingerprint(p["cpu"], p["kernel"], accel, p["qemu"], len(cpus))
+            slots.append(Slot(address, name, host, cpus, p["node"], fp))
     return slots
 
 
@@ -417,6 +443,7 @@ class Dispatch:
                 error=f"cluster: lost with its worker {len(reasons)} times; last: {reasons[-1]}",
                 lost_attempts=list(reasons),
                 reproduces=s.reproduces,
+                host=HostInfo(slot.node, slot.name, slot.cpus, slot.fingerprint),
             )
         )
 
@@ -445,7 +472,7 @@ def run_cells(
                 f"--cluster {spec.text}: {expected} workers did not join within {NO_WORKER_S:g} s"
             ) from exc
         workers = client.scheduler_info(n_workers=-1)["workers"]
-        slots = plan_slots(spec, workers, client.run(available_cpus))
+        slots = plan_slots(spec, workers, client.run(probe, options["qemu"]), options["accel"])
         link = client.dashboard_link if client.scheduler_info().get("services") else ""
         report(
             f"cluster {spec.text}: {len(slots)} workers on {len({s.host for s in slots})} "
@@ -453,6 +480,14 @@ def run_cells(
         )
         for s in slots:
             report(f"  worker {s.name} on {s.host}: CPUs {','.join(map(str, s.cpus))}")
+        vcpus = max((c.scenario.cpus for c in cells), default=0)
+        fewest = min(len(s.cpus) for s in slots)
+        if fewest < vcpus:
+            report(
+                f"warning: a worker has {fewest} host CPU{'s' if fewest > 1 else ''} for guests "
+                f"of up to {vcpus} vCPUs: their vCPUs share host CPUs, which slows resizes "
+                "and can change which mechanism wins (a different condition from a serial run)"
+            )
         d = Dispatch(client, slots, cells, write, options, report, progress)
         started(d)
         try:

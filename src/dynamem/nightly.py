@@ -385,29 +385,47 @@ def record(raw: Path, layout: Layout, frame: str | None = None) -> Nightly:
         )
     layout.prepare()
     manifest = manifest_of(store.run, cells, raw.resolve())
-    entry = machine_entry(manifest["accel"])
-    cache = tracks.cache_of(raw)
-    grid = tracks.framed(
-        tracks.grid_of(load_suite_text(store.run.suite.toml, f"run {store.run.run_id}")), frame
-    )
-    config = layout.config(
-        tracks.thresholds(cache, tracks.history(layout.results, entry["machine"], grid))
-    )
     commit = commit_manifest(layout.timeline, manifest)
-    write_machine(entry)
     print(f"timeline commit {commit[:12]} for run {manifest['run_id']}", file=sys.stderr)
-    run_status = asv(
-        "run",
-        "--set-commit-hash",
-        commit,
-        "-E",
-        f"existing:{sys.executable}",
-        "--machine",
-        entry["machine"],
-        "--show-stderr",
-        config=config,
-        env={"DYNAMEM_ASV_RAW": str(raw.resolve()), **({tracks.ENV_FRAME: frame} if frame else {})},
-    )
+    from dynamem.analysis.metrics import host_fingerprint
+
+    # One asv machine per host fingerprint: a run spread over unlike hosts never puts their
+    # numbers on one graph. A run on one host keeps the machine name it always had.
+    fingerprints = sorted({host_fingerprint(c) for c in cells}) or [""]
+    machines, statuses = [], []
+    for fp in fingerprints:
+        entry = machine_entry(manifest["accel"])
+        env = {
+            "DYNAMEM_ASV_RAW": str(raw.resolve()),
+            **({tracks.ENV_FRAME: frame} if frame else {}),
+        }
+        if len(fingerprints) > 1:
+            digest = hashlib.sha256(fp.encode()).hexdigest()[:8]
+            entry.update(machine=f"{entry['machine']}-{digest}", cpu=fp or "not recorded")
+            env[tracks.ENV_HOST] = fp
+        cache = tracks.cache_of(raw, env.get(tracks.ENV_HOST))
+        grid = tracks.framed(
+            tracks.grid_of(load_suite_text(store.run.suite.toml, f"run {store.run.run_id}")), frame
+        )
+        config = layout.config(
+            tracks.thresholds(cache, tracks.history(layout.results, entry["machine"], grid))
+        )
+        write_machine(entry)
+        statuses.append(
+            asv(
+                "run",
+                "--set-commit-hash",
+                commit,
+                "-E",
+                f"existing:{sys.executable}",
+                "--machine",
+                entry["machine"],
+                "--show-stderr",
+                config=config,
+                env=env,
+            )  # fmt: skip
+        )
+        machines.append(entry["machine"])
     publish_status = asv("publish", config=config)
     if publish_status == 0:
         for url in localize(layout.html):
@@ -416,10 +434,10 @@ def record(raw: Path, layout: Layout, frame: str | None = None) -> Nightly:
         run_id=manifest["run_id"],
         raw=raw,
         commit=commit,
-        machine=entry["machine"],
+        machine=", ".join(machines),
         cells_failed=manifest["cells_failed"],
         resizes_not_ok=manifest["resizes_not_ok"],
-        asv_run_status=run_status,
+        asv_run_status=max(statuses, key=abs),
         publish_status=publish_status,
         html=layout.html,
     )

@@ -44,9 +44,9 @@ def pin(cpus: list[int]) -> None:
     os.sched_setaffinity(0, cpus)
 
 
-def fingerprint(host_cpu: str, accel: str, qemu_version: str, ncpus: int) -> str:
+def fingerprint(host_cpu: str, kernel: str, accel: str, qemu_version: str, ncpus: int) -> str:
     return (
-        f"{host_cpu}, Linux {platform.release()}, QEMU {qemu_version}, {accel}, "
+        f"{host_cpu}, Linux {kernel}, QEMU {qemu_version}, {accel}, "
         f"{ncpus} host CPU{'s' if ncpus != 1 else ''}"
     )
 
@@ -57,7 +57,7 @@ def host_info(worker: str, host_cpu: str, accel: str, qemu_version: str) -> Host
         name=platform.node() or "host",
         worker=worker,
         cpus=cpus,
-        fingerprint=fingerprint(host_cpu, accel, qemu_version, len(cpus)),
+        fingerprint=fingerprint(host_cpu, platform.release(), accel, qemu_version, len(cpus)),
     )
 
 

@@ -24,7 +24,10 @@ Format history (the `format` key of `run.json` and of every cell record):
   ("boot" or "snapshot"), the context's `start` and `state` (the saved post-boot state a
   cell started from), the timings' `state_build` and the run metadata's `starts` and
   `start_identical`. Since then `timings.boot` counts from the QEMU launch; it used to
-  include the cell's planning (under 0.1 s, now in `overhead`).
+  include the cell's planning (under 0.1 s, now in `overhead`). Then where a cell ran:
+  the cell's `host` (name, worker, CPU set, QEMU's applied CPU set, host fingerprint,
+  host load over the steps) and `lost_attempts`, and the run metadata's `cluster`; a
+  cell without `host` has the fingerprint "" and is compared pooled over hosts.
 """
 
 import dataclasses

@@ -154,3 +154,36 @@ def test_the_manifest_counts_resizes_that_were_not_ok():
     manifest = nightly.manifest_of(run_record([c.cell for c in cells]), cells, Path("/raw"))
     assert manifest["cells_failed"] == []
     assert manifest["resizes_not_ok"] == ["s step 0 (shrink 256M): 1/2 ok"]
+
+
+def test_a_run_over_two_host_fingerprints_is_two_asv_machines(tmp_path, monkeypatch):
+    """asv gets one machine per fingerprint, each reading only its own cells; a run on one
+    host keeps the machine name it always had."""
+    from dynamem.analysis import tracks
+
+    from dynamem.record import HostInfo
+    from dynamem.store import RunStore
+
+    from .records import quick_pair, run_record
+
+    cells = [quick_pair("balloon-idle", k, 1.0) for k in range(1, 5)]
+    for c in cells:
+        fp = "fast host" if c.repeat <= 2 else "slow host"
+        c.host = HostInfo(name="n", worker="w", cpus=[0], fingerprint=fp)
+    store = RunStore.create(tmp_path / "raw" / "r", run_record([c.cell for c in cells]))
+    for c in cells:
+        store.write_cell(c)
+    calls, machines = [], []
+    monkeypatch.setattr(nightly, "asv", lambda *a, config, env=None: calls.append((a, env)) or 0)
+    monkeypatch.setattr(nightly, "write_machine", machines.append)
+    monkeypatch.setattr(nightly, "localize", lambda html: [])
+    done = nightly.record(store.directory, nightly.Layout(tmp_path))
+    runs = [(a, env) for a, env in calls if a[0] == "run"]
+    assert len(runs) == 2 and [a[0] for a, _ in calls].count("publish") == 1
+    assert {env[tracks.ENV_HOST] for _, env in runs} == {"fast host", "slow host"}
+    names = [m["machine"] for m in machines]
+    assert len(set(names)) == 2 and {m["cpu"] for m in machines} == {"fast host", "slow host"}
+    assert done.machine == ", ".join(names) and done.ok
+    for _, env in runs:  # each machine's numbers come from its own cells only
+        cache = tracks.cache_of(store.directory, env[tracks.ENV_HOST])
+        assert cache.table.drop_duplicates("cell").shape[0] == 2
