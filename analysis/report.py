@@ -11,6 +11,7 @@ question the report says which suite measures it instead of guessing.
 
 import datetime
 import html
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,6 +199,23 @@ def _start_mode(rep: Report) -> str:
     return "; ".join(parts) + " (start modes are never pooled: part of the condition)"
 
 
+def _unbalanced(cells: list[CellRecord]) -> list[str]:
+    """(host, condition) blocks whose mechanisms ran different numbers of ok cells: there
+    a host's speed can pass for a mechanism's."""
+    runs: dict[tuple[str, str], Counter[str]] = {}
+    mechanisms: dict[str, set[str]] = {}
+    for c in cells:
+        cond = condition_of(c)
+        mechanisms.setdefault(cond, set()).add(c.mechanism.label)
+        block = runs.setdefault((c.host.name if c.host else "", cond), Counter())
+        block[c.mechanism.label] += c.ok
+    return [
+        f"{host or 'host'} ({', '.join(f'{m} {n}' for m, n in sorted(counts.items()))})"
+        for (host, cond), counts in sorted(runs.items())
+        if len({counts.get(m, 0) for m in mechanisms[cond]}) > 1
+    ]
+
+
 def _hosts(rep: Report) -> str:
     """Where the cells ran: each host fingerprint (never pooled: part of the condition)
     with its cells and workers, how busy its CPUs were during the steps, lost workers."""
@@ -214,6 +232,13 @@ def _hosts(rep: Report) -> str:
             f"H{k} {fp}: {len(cells)} cells on {len(workers)} worker"
             f"{'s' if len(workers) != 1 else ''}{busy}"
         )
+    unbalanced = _unbalanced(rep.cells) if cluster else []  # serial: shown by the k/n
+    if unbalanced:
+        parts.append(
+            "not every mechanism of a condition ran equally often on each host (failed or "
+            "moved cells): " + ", ".join(unbalanced[:5])
+            + (f" and {len(unbalanced) - 5} more" if len(unbalanced) > 5 else "")
+        )  # fmt: skip
     lost = [c for c in rep.cells if c.lost_attempts]
     if lost:
         parts.append(

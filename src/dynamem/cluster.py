@@ -324,6 +324,7 @@ class Dispatch:
         self.client, self.write, self.options = client, write, options
         self.report, self.progress = report, progress
         self.slots = {s.name: s for s in slots}
+        self.gone: dict[str, Slot] = {}  # workers that left; a restarted one comes back
         self.queues = assign(cells, dict(Counter(s.host for s in slots)), options["accel"])
         self.running: dict[Any, tuple[Slot, Cell]] = {}
         self.lost: dict[str, list[str]] = {}  # cell id -> why each attempt was lost
@@ -387,6 +388,11 @@ class Dispatch:
         takes its old CPUs; a worker gone while running a cell loses that cell."""
         workers = self.client.scheduler_info(n_workers=-1)["workers"]
         by_name = {str(info.get("name", a)): a for a, info in workers.items()}
+        for name, slot in list(self.gone.items()):  # back after a restart
+            if name in by_name:
+                slot.address = by_name[name]
+                self.slots[name] = self.gone.pop(name)
+                self.report(f"worker {name} on {slot.host} is back")
         for name, slot in list(self.slots.items()):
             address = by_name.get(name)
             if address == slot.address:
@@ -399,15 +405,15 @@ class Dispatch:
                     future.cancel()
                     self.lose(slot, cell, "the worker left the cluster")
             if address is None:
-                del self.slots[name]
+                self.gone[name] = self.slots.pop(name)
                 self.report(f"worker {name} on {slot.host} is gone")
             else:
                 slot.address = address
                 self.report(f"worker {name} on {slot.host} is back at {address}")
 
     def rehome(self) -> None:
-        """Cells of a host that has no worker left go to the others (recorded as moved:
-        the balance of that host's share is then broken, and the report says so)."""
+        """Cells of a host that has no worker left go to the others (listed in the run's
+        output; the report finds the broken balance in the records themselves)."""
         alive = sorted({s.host for s in self.slots.values()})
         if not alive:
             return

@@ -254,6 +254,7 @@ def test_the_report_keeps_hosts_apart_and_says_where_cells_ran(tmp_path):
     assert "H1 fast host: 3 cells on 1 worker" in where and "H2 slow host: 3 cells" in where
     assert "1 cells lost a worker and ran again (1 then ok)" in where
     assert "never pooled" in where
+    assert "equally often" not in where  # one mechanism, every cell ok
     rows = [line for line in md.splitlines() if line.startswith("| shrink 256M: latency")]
     assert len(rows) == 2 and any("3.00 s" in r for r in rows) and any("1.00 s" in r for r in rows)
     assert not any("3.00 s" in r and "1.00 s" in r for r in rows)
@@ -262,3 +263,45 @@ def test_the_report_keeps_hosts_apart_and_says_where_cells_ran(tmp_path):
 def test_queues_are_deques():  # the driver pops from the left and re-queues at the head
     queues = cluster.assign(cells_in_order(load_suite("quick"), 1), {"a": 1}, "tcg")
     assert isinstance(queues["a"], deque)
+
+
+def test_the_report_names_a_host_where_mechanisms_ran_unequally_often():
+    from dynamem.analysis.report import _unbalanced
+
+    cells = with_host([quick_pair("b", k, 1.0) for k in range(1, 3)], "fp")
+    cells += with_host(
+        [quick_pair("v", k, 1.0, mechanism="virtio-mem", variant="sbm") for k in range(1, 3)],
+        "fp",
+    )
+    assert _unbalanced(cells) == []
+    cells[0].status = "failed"
+    assert _unbalanced(cells) == ["h (balloon 1, virtio-mem/sbm 2)"]
+
+
+class FakeClient:
+    """The scheduler's worker list over time (what `Dispatch.refresh` reads)."""
+
+    def __init__(self, *lists):
+        self.lists = list(lists)
+
+    def scheduler_info(self, n_workers=0):
+        return {"workers": self.lists.pop(0)}
+
+
+def test_a_worker_restarted_by_its_nanny_gets_its_cpus_back_and_a_vanished_one_its_cells_moved():
+    cells = cells_in_order(with_repeats(load_suite("quick"), 2), 7)
+    slots = [
+        cluster.Slot("tcp://l:1", "0", "local", [0]),
+        cluster.Slot("tcp://l:2", "1", "local", [1]),
+    ]
+    client = FakeClient(
+        {"tcp://l:1": {"name": 0}},  # worker 1 is gone (its nanny is restarting it)
+        {"tcp://l:1": {"name": 0}, "tcp://l:9": {"name": 1}},  # back, at a new address
+    )
+    lines = []
+    d = cluster.Dispatch(client, slots, cells, print, {"accel": "tcg"}, lines.append, print)
+    d.refresh()
+    assert set(d.slots) == {"0"} and "worker 1 on local is gone" in lines
+    d.refresh()
+    assert set(d.slots) == {"0", "1"} and d.slots["1"].address == "tcp://l:9"
+    assert d.slots["1"].cpus == [1]
