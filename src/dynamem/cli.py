@@ -250,7 +250,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"{store.directory}: {problem}", file=sys.stderr)
         tables.append(tidy(cells, store.run.run_id))
+    # A run recorded before cells kept their host ran serially on its metadata's host (the
+    # identity check below compares that); it pairs with a run on one host fingerprint.
     older = [s.run.run_id for s, t in zip((a, b), tables, strict=True) if set(t["host"]) == {""}]
+    if older and max(len(set(t["host"])) for t in tables) > 1 and not args.pool_hosts:
+        raise UserError(
+            f"compare: run {older[0]} predates host fingerprints and the other ran on several; "
+            "pass --pool-hosts to compare each run pooled over its hosts"
+        )
     if args.pool_hosts or older:
         tables = [pool_hosts(t) for t in tables]
         why = (

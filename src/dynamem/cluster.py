@@ -15,6 +15,7 @@ not a confound; within a host cells go in the run's seeded order. Cells from hos
 fingerprints differ are never pooled (`dynamem.placement`).
 """
 
+import asyncio
 import contextlib
 import platform
 import sys
@@ -26,6 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from distributed.client import FutureCancelledError, FuturesCancelledError
+from distributed.comm.core import CommClosedError
+from distributed.scheduler import KilledWorker
+
 from dynamem.cell import Cell, host_cpu_model, qemu_version_text, run_cell
 from dynamem.errors import UserError
 from dynamem.placement import available_cpus, fingerprint, pin, split_cpus
@@ -33,6 +38,9 @@ from dynamem.record import CellRecord, HostInfo
 
 LOST_LIMIT = 2  # attempts of one cell lost with their worker before it is recorded failed
 NO_WORKER_S = 120.0  # how long the driver waits for any worker before it gives up
+REHOME_AFTER_S = 60.0  # how long a host may be without workers before its cells move
+# what a task's future raises when its worker, not the cell, went away
+LOST = (KilledWorker, CommClosedError, FutureCancelledError, asyncio.CancelledError)
 
 
 @dataclass(frozen=True)
@@ -307,6 +315,13 @@ def run_on_worker(
     )  # fmt: skip
 
 
+def _text(exc: BaseException) -> str:
+    try:
+        return f"{type(exc).__name__}: {exc}"
+    except Exception:  # noqa: BLE001 - some of Dask's exceptions cannot always print
+        return type(exc).__name__
+
+
 class Dispatch:
     """The driver's loop: what each host still has to run, what each worker runs, and what
     happened to cells whose worker went away."""
@@ -325,6 +340,7 @@ class Dispatch:
         self.report, self.progress = report, progress
         self.slots = {s.name: s for s in slots}
         self.gone: dict[str, Slot] = {}  # workers that left; a restarted one comes back
+        self.empty_since: dict[str, float] = {}  # hosts without a worker, since when
         self.queues = assign(cells, dict(Counter(s.host for s in slots)), options["accel"])
         self.running: dict[Any, tuple[Slot, Cell]] = {}
         self.lost: dict[str, list[str]] = {}  # cell id -> why each attempt was lost
@@ -353,20 +369,32 @@ class Dispatch:
             if not self.running:
                 time.sleep(0.5)
                 continue
-            with contextlib.suppress(TimeoutError):  # a look at the workers every second
+            # a look at the workers every second; a future cancelled under us (the
+            # scheduler's connection dropped) is handled below as a lost cell
+            with contextlib.suppress(TimeoutError, FuturesCancelledError):
                 wait(list(self.running), timeout=1.0, return_when="FIRST_COMPLETED")
             for future in [f for f in self.running if f.done()]:
-                slot, cell = self.running.pop(future)
-                slot.busy = None
-                try:
-                    record = future.result()
-                except Exception as exc:  # noqa: BLE001 - the worker, not the cell, failed
-                    self.lose(slot, cell, f"{type(exc).__name__}: {exc}")
-                    continue
-                record.lost_attempts = self.lost.get(cell.id, [])
-                self.write(record)
-                self.done_on[slot.host] += 1
-                self.progress(f"{cell.id} done on {slot.name}")
+                self.collect(future)
+
+    def collect(self, future: Any) -> None:
+        """A finished task: its record written, or its cell lost (worker gone) or failed
+        (the task itself raised on the worker)."""
+        slot, cell = self.running.pop(future)
+        slot.busy = None
+        try:
+            record = future.result()
+        except LOST as exc:  # the worker, not the cell, went away
+            self.lose(slot, cell, _text(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - the task itself failed on the worker
+            why = f"the task failed on worker {slot.name}: {_text(exc)}"
+            self.write(self.failed(slot, cell, why))
+            self.done_on[slot.host] += 1
+            return
+        record.lost_attempts = self.lost.get(cell.id, [])
+        self.write(record)
+        self.done_on[slot.host] += 1
+        self.progress(f"{cell.id} done on {slot.name}")
 
     def submit(self) -> None:
         for slot in self.slots.values():
@@ -392,6 +420,7 @@ class Dispatch:
             if name in by_name:
                 slot.address = by_name[name]
                 self.slots[name] = self.gone.pop(name)
+                self.empty_since.pop(slot.host, None)
                 self.report(f"worker {name} on {slot.host} is back")
         for name, slot in list(self.slots.items()):
             address = by_name.get(name)
@@ -417,8 +446,13 @@ class Dispatch:
         alive = sorted({s.host for s in self.slots.values()})
         if not alive:
             return
+        now = time.monotonic()
         for host, queue in self.queues.items():
             if host in alive or not queue:
+                continue
+            # a host whose workers are restarting (their nannies) gets its cells back then
+            since = self.empty_since.setdefault(host, now)
+            if now - since < REHOME_AFTER_S:
                 continue
             for k, cell in enumerate(queue):
                 target = alive[k % len(alive)]
@@ -436,21 +470,27 @@ class Dispatch:
         if len(reasons) < LOST_LIMIT:
             self.queues.setdefault(slot.host, deque()).appendleft(cell)
             return
+        record = self.failed(
+            slot, cell, f"lost with its worker {len(reasons)} times; last: {reasons[-1]}"
+        )
+        record.lost_attempts = list(reasons)
+        self.write(record)
+
+    def failed(self, slot: Slot, cell: Cell, why: str) -> CellRecord:
+        """The record of a cell that never produced its own, on the slot it was given."""
         s = cell.scenario
-        self.write(
-            CellRecord(
-                cell=cell.id,
-                scenario=s.name,
-                repeat=cell.repeat,
-                mechanism=s.mechanism_config(),
-                condition=s.condition(self.options["accel"]),
-                scenario_config=dict(s.raw),
-                failed_at="cluster",
-                error=f"cluster: lost with its worker {len(reasons)} times; last: {reasons[-1]}",
-                lost_attempts=list(reasons),
-                reproduces=s.reproduces,
-                host=HostInfo(slot.node, slot.name, slot.cpus, slot.fingerprint),
-            )
+        return CellRecord(
+            cell=cell.id,
+            scenario=s.name,
+            repeat=cell.repeat,
+            mechanism=s.mechanism_config(),
+            condition=s.condition(self.options["accel"]),
+            scenario_config=dict(s.raw),
+            failed_at="cluster",
+            error=f"cluster: {why}",
+            lost_attempts=self.lost.get(cell.id, []),
+            reproduces=s.reproduces,
+            host=HostInfo(slot.node, slot.name, slot.cpus, slot.fingerprint),
         )
 
     def counts(self) -> str:

@@ -209,6 +209,15 @@ def machine_entry(accel: str) -> dict[str, str]:
     }
 
 
+def serial_fingerprint(manifest: dict[str, Any]) -> str:
+    """The fingerprint a serial run's cells on this host have (all of its CPUs)."""
+    from dynamem.cell import host_cpu_model
+    from dynamem.placement import available_cpus, fingerprint
+
+    return fingerprint(host_cpu_model(), platform.release(), manifest["accel"],
+                       manifest["qemu_version"], len(available_cpus()))  # fmt: skip
+
+
 def write_machine(entry: dict[str, str], path: Path | None = None) -> None:
     """asv's machine file (~/.asv-machine.json), without asv's interactive questions."""
     path = path or Path.home() / ".asv-machine.json"
@@ -392,24 +401,33 @@ def record(raw: Path, layout: Layout, frame: str | None = None) -> Nightly:
     # One asv machine per host fingerprint: a run spread over unlike hosts never puts their
     # numbers on one graph. A run on one host keeps the machine name it always had.
     fingerprints = sorted({host_fingerprint(c) for c in cells}) or [""]
-    machines, statuses = [], []
+    grid = tracks.framed(
+        tracks.grid_of(load_suite_text(store.run.suite.toml, f"run {store.run.run_id}")), frame
+    )
+    plans = []  # (machine entry, env, that machine's regression thresholds)
     for fp in fingerprints:
         entry = machine_entry(manifest["accel"])
-        env = {
-            "DYNAMEM_ASV_RAW": str(raw.resolve()),
-            **({tracks.ENV_FRAME: frame} if frame else {}),
-        }
-        if len(fingerprints) > 1:
+        env = {"DYNAMEM_ASV_RAW": str(raw.resolve())}
+        if frame:
+            env[tracks.ENV_FRAME] = frame
+        # A serial run on this host keeps the machine name nightlies always had; any other
+        # fingerprint (another host, cells pinned to fewer CPUs) is a machine of its own.
+        if fp not in ("", serial_fingerprint(manifest)):
             digest = hashlib.sha256(fp.encode()).hexdigest()[:8]
-            entry.update(machine=f"{entry['machine']}-{digest}", cpu=fp or "not recorded")
+            entry.update(machine=f"{entry['machine']}-{digest}", cpu=fp)
+        if len(fingerprints) > 1:
             env[tracks.ENV_HOST] = fp
         cache = tracks.cache_of(raw, env.get(tracks.ENV_HOST))
-        grid = tracks.framed(
-            tracks.grid_of(load_suite_text(store.run.suite.toml, f"run {store.run.run_id}")), frame
-        )
-        config = layout.config(
-            tracks.thresholds(cache, tracks.history(layout.results, entry["machine"], grid))
-        )
+        history = tracks.history(layout.results, entry["machine"], grid)
+        plans.append((entry, env, tracks.thresholds(cache, history)))
+    # asv reads one config: each benchmark's threshold is the widest any machine needs
+    merged: dict[str, float] = {}
+    for _, _, found in plans:
+        for key, value in found.items():
+            merged[key] = max(value, merged.get(key, value))
+    config = layout.config(merged)
+    machines, statuses = [], []
+    for entry, env, _ in plans:
         write_machine(entry)
         statuses.append(
             asv(
