@@ -1,6 +1,7 @@
 """`dynamem report` and `dynamem compare` on real runs: two runs of one configuration
 compare clean (exit 0); a run whose QEMU is starved of CPU (pinned with a busy loop to
-one core) is a real regression and compare exits 1."""
+one core) is another host fingerprint (refused, exit 2) and, pooled over hosts, a real
+regression (exit 1)."""
 
 import os
 import subprocess
@@ -56,7 +57,12 @@ def test_compare_passes_same_config_and_fails_a_starved_run(image, run_base, tmp
     assert same.returncode == 0, same.stdout + same.stderr
     assert "latency_guest_s" in same.stdout
 
-    worse = cli("compare", str(a), str(slow))
+    # The starved run's cells had one host CPU: another host fingerprint, never paired
+    # with the others' by default; pooled on purpose, its slowness is a regression.
+    refused = cli("compare", str(a), str(slow))
+    assert refused.returncode == 2 and "host fingerprints differ" in refused.stderr
+    assert "1 host CPU only in B" in refused.stderr
+    worse = cli("compare", str(a), str(slow), "--pool-hosts")
     print(worse.stdout)
     assert worse.returncode == 1, worse.stdout + worse.stderr
     assert "slower" in worse.stdout and "regression" in worse.stderr
