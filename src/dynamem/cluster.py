@@ -131,6 +131,7 @@ def parse_spec(text: str) -> ClusterSpec:
         n = text.removeprefix("local:")
         if not n.isdigit() or int(n) < 1:
             raise UserError(f"--cluster {text}: local:N needs a positive worker count")
+        split_cpus(available_cpus(), int(n))  # too many workers for this host: one line now
         return ClusterSpec("local", text, workers=int(n))
     if text.startswith("ssh:"):
         hosts, listen = load_hosts(Path(text.removeprefix("ssh:")).expanduser())

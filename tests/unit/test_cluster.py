@@ -24,8 +24,11 @@ def host(fp: str, worker: str = "serial") -> HostInfo:
 # -- the spec and the hosts file --------------------------------------------------------------
 
 
-def test_local_and_scheduler_specs():
+def test_local_and_scheduler_specs(monkeypatch):
+    monkeypatch.setattr(cluster, "available_cpus", lambda: [0, 1, 2, 3])
     assert cluster.parse_spec("local:3") == cluster.ClusterSpec("local", "local:3", workers=3)
+    with pytest.raises(UserError, match="5 workers with one CPU each at least need 5 CPUs"):
+        cluster.parse_spec("local:5")  # before any run directory or worker exists
     tcp = cluster.parse_spec("tcp://10.0.0.5:8786")
     assert tcp.kind == "tcp" and tcp.address == "tcp://10.0.0.5:8786"
 
