@@ -38,6 +38,7 @@ from dynamem.record import CellRecord, HostInfo
 
 LOST_LIMIT = 2  # attempts of one cell lost with their worker before it is recorded failed
 NO_WORKER_S = 120.0  # how long the driver waits for any worker before it gives up
+SSH_CONNECT_S = 30.0  # how long connecting to an ssh: host may take
 REHOME_AFTER_S = 60.0  # how long a host may be without workers before its cells move
 # what a task's future raises when its worker, not the cell, went away
 LOST = (KilledWorker, CommClosedError, FutureCancelledError, asyncio.CancelledError)
@@ -160,6 +161,7 @@ def _ssh_cluster(spec: ClusterSpec) -> Any:
             "username": h.user,
             "client_keys": [str(h.key)],
             "known_hosts": str(h.known_hosts),
+            "connect_timeout": SSH_CONNECT_S,  # an unreachable host: an error, not a hang
         }
         for i in range(h.workers):
             name = f"{h.name}/{i}"
