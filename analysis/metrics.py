@@ -191,7 +191,8 @@ def driver_or_look(table: pd.DataFrame) -> str:
 
 CONDITION_COLUMNS = [
     "accel", "cpu_model", "cpus", "memory_mib", "workload", "workload_mib", "touch_mib",
-    "swap", "swap_mib", "memhp", "kernel_args", "warmup", "observer", "start", "steps", "host",
+    "swap", "swap_mib", "memhp", "kernel_args", "warmup", "observer", "start", "steps", "guest",
+    "host",
 ]  # fmt: skip
 ROW_KEYS = [
     "run_id", "cell", "scenario", "repeat", "cell_status", "mechanism", "variant",
@@ -249,7 +250,8 @@ def tidy(cells: Iterable[CellRecord], run_id: str = "") -> pd.DataFrame:
             cell.mechanism.variant, c.accel, c.cpu_model, c.cpus, c.memory / MiB, c.workload,
             c.workload_size / MiB, c.touch / MiB, c.swap, c.swap_size / MiB,
             c.memhp_default_state, " ".join(c.kernel_args), c.warmup, c.observer, c.start,
-            ", ".join(c.steps), host, condition_of(cell), c.workload_label, cell.reproduces or "",
+            ", ".join(c.steps), c.guest, host, condition_of(cell), c.workload_label,
+            cell.reproduces or "",
         )  # fmt: skip
         recorded = dict(cell.resizes())
         for k, label, direction, size in _planned_resizes(cell):

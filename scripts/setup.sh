@@ -14,7 +14,10 @@ case "$job" in demo|test|install) ;; *) echo "usage: $0 demo|test|install" >&2; 
 # git: the nightly's timeline repository. Without QEMU's recommended extras (its GUI,
 # GStreamer and codecs, OVMF, block-extra): the guests boot with -kernel on SeaBIOS and
 # use iPXE's virtio ROM, both hard dependencies of qemu-system-x86.
-apt_packages=(qemu-system-x86 qemu-utils kmod binutils cpio zstd gcc libc6-dev python3 python3-venv ca-certificates git)
+# Cloud images: debootstrap builds debian-cloud; sfdisk (fdisk) and e2fsprogs (mke2fs,
+# debugfs) partition, fill and read image disks without mounting them.
+apt_packages=(qemu-system-x86 qemu-utils kmod binutils cpio zstd gcc libc6-dev python3 python3-venv ca-certificates git
+    debootstrap fdisk e2fsprogs)
 # npm fetches the asv page's scripts (below); Debian's package only where none is installed.
 command -v npm >/dev/null || apt_packages+=(npm)
 # chromium: only the test that renders the asv page (with its recommends: fonts).

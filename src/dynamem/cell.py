@@ -20,7 +20,7 @@ import numpy as np
 from dynamem import __version__, placement
 from dynamem.errors import DynamemError, VMError
 from dynamem.faults import Injector
-from dynamem.launch import Plan, plan_vm
+from dynamem.launch import Plan, guest_label, plan_vm
 from dynamem.mechanisms import Mechanism, MemoryPlan
 from dynamem.parsers import hotplug_log_lines, parse_meminfo
 from dynamem.probes.guestmem import parse_vmstat
@@ -64,6 +64,15 @@ class WorkloadDied(DynamemError):
     """The workload's processes are gone before the steps ended (e.g. the OOM killer)."""
 
 
+def _guest_label(guest: str) -> str:
+    """The guest's label for the condition; its name alone if it cannot be read (the cell
+    then fails in planning, with the reason)."""
+    try:
+        return guest_label(guest)
+    except DynamemError:
+        return guest
+
+
 def plan_for(mech: Mechanism, mplan: MemoryPlan, **vm_options: Any) -> Plan:
     """The VM a mechanism's memory plan needs: boot RAM, maxmem and slots, devices."""
     maxmem, slots = mech.memory_options(mplan)
@@ -72,6 +81,7 @@ def plan_for(mech: Mechanism, mplan: MemoryPlan, **vm_options: Any) -> Plan:
         maxmem=maxmem,
         slots=slots,
         extra_args=mech.qemu_args(mplan),
+        mechanism=mech.name,
         kernel_args=tuple(vm_options.pop("kernel_args", ())) + mech.kernel_args(),
         **vm_options,
     )
@@ -260,7 +270,7 @@ def run_cell(
         scenario=s.name,
         repeat=cell.repeat,
         mechanism=s.mechanism_config(),
-        condition=s.condition(accel),
+        condition=s.condition(accel, _guest_label(guest)),
         timings=timings,
         reproduces=s.reproduces,
         scenario_config=dict(s.raw),

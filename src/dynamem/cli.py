@@ -16,6 +16,7 @@ from dynamem.qemu.config import ICOUNT
 from dynamem.units import format_size, parse_size
 
 if TYPE_CHECKING:
+    from dynamem.guest.recipe import CloudRecipe
     from dynamem.launch import Plan
 
 
@@ -61,9 +62,12 @@ def cmd_guest_lock(args: argparse.Namespace) -> int:
 
 def cmd_guest_build(args: argparse.Namespace) -> int:
     from dynamem.guest.build import build
-    from dynamem.guest.recipe import load_recipe
+    from dynamem.guest.recipe import load_cloud_recipe, load_recipe
 
     start = time.monotonic()
+    cloud_recipe = load_cloud_recipe(args.guest)
+    if cloud_recipe is not None:
+        return _build_cloud(cloud_recipe, args.force, start)
     image, hit = build(load_recipe(args.guest), force=args.force)
     elapsed = time.monotonic() - start
     sums = image.manifest["sha256"]
@@ -75,8 +79,25 @@ def cmd_guest_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_cloud(recipe: "CloudRecipe", force: bool, start: float) -> int:
+    from dynamem.guest import cloud, debootstrap
+
+    disk, hit = debootstrap.build(recipe, force=force)
+    image = cloud.load(disk, name=recipe.name)
+    elapsed = time.monotonic() - start
+    print(f"guest {recipe.name}: {'cache hit' if hit else 'built'} in {elapsed:.2f} s")
+    print(f"image   {disk}  {disk.stat().st_size / 2**20:.0f} MiB  sha256 {image.sha256}")
+    print(f"os      {image.manifest['os']}, kernel {image.kernel_release}, root {image.root}")
+    print(f"onlines hotplugged memory by itself: {image.onlining}")
+    print(f"run on it with --guest {recipe.name} (or --guest cloud:{disk})")
+    return 0
+
+
+GUEST_HELP = "guest: an embedded recipe (default: minimal), debian-cloud, or cloud:PATH.qcow2"
+
+
 def _vm_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--guest", default="minimal", help="guest recipe (default: minimal)")
+    p.add_argument("--guest", default="minimal", help=GUEST_HELP)
     p.add_argument(
         "--memory",
         type=_size,
@@ -108,8 +129,7 @@ def _vm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ready-timeout",
         type=_seconds,
-        default=180.0,
-        help="seconds to wait for the guest to answer SSH (default: 180)",
+        help="seconds to wait for the guest to be ready (default: 180, a cloud image 420)",
     )
 
 
@@ -151,6 +171,7 @@ def cmd_vm_exec(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from dynamem import runner
+    from dynamem.launch import is_cloud_guest
     from dynamem.scenario import load_suite, with_control_arm, with_repeats, with_start
     from dynamem.store import RunStore
 
@@ -159,10 +180,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         from dynamem.cluster import parse_spec
 
         spec = parse_spec(args.cluster)  # a bad spec or hosts file: one line, nothing boots
+    guest = args.guest or "minimal"
     if args.resume:
         if args.start:
             raise UserError("run: --start cannot change a run being resumed (it keeps its own)")
         store = RunStore.open(args.resume)
+        guest = store.run.metadata.guest
+        if args.guest not in (None, guest):
+            raise UserError(f"run: {args.resume} ran on --guest {guest}, not {args.guest}")
         print(
             f"resuming {store.directory}: {len(store.completed())} of "
             f"{len(store.run.order)} cells done",
@@ -179,11 +204,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.start:
             suite = with_start(suite, args.start)
         seed = suite.seed if args.seed is None else args.seed
+        if "snapshot" in {s.start for s in suite.scenarios} and is_cloud_guest(guest):
+            raise UserError(
+                f"run: --guest {guest} is a cloud image, which boots for every cell "
+                "(start = snapshot saves no disk state)"
+            )
         if args.dry_run:
             print("\n".join(runner.dry_run_lines(suite, seed)))
             return 0
         store = runner.start_run(
-            suite, seed, accel_request=args.accel, qemu=args.qemu, guest=args.guest, out=args.out,
+            suite, seed, accel_request=args.accel, qemu=args.qemu, guest=guest, out=args.out,
             cluster=spec.text if spec else None,
         )  # fmt: skip
         print(
@@ -196,7 +226,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             store,
             accel_request=args.accel,
             qemu=args.qemu,
-            guest=args.guest,
+            guest=guest,
             report=lambda m: print(m, file=sys.stderr),
             cluster=spec,
         )
@@ -367,10 +397,18 @@ def cmd_bench_boot(args: argparse.Namespace) -> int:
         f"accelerator {plan.accel.accel} ({plan.accel.reason}); guest "
         f"{plan.image.kernel_release}, {format_size(args.memory)} RAM, {args.cpus} vCPUs"
     )
-    res = bench_boot(plan, args.repeats, print, snapshot=not args.no_snapshot)
+    is_cloud = plan.config.disk is not None  # a cloud image boots for real: no saved state
+    res = bench_boot(plan, args.repeats, print, snapshot=not (args.no_snapshot or is_cloud))
     bare, ours = statistics.median(res.bare), statistics.median(res.dynamem)
-    print(f"median bare QEMU -kernel/-initrd to init: {bare:.2f} s")
-    print(f"median dynamem launch to SSH answering:  {ours:.2f} s")
+    if is_cloud:
+        print(f"median bare QEMU to cloud-init's final message: {bare:.2f} s")
+        print(
+            f"median dynamem launch to ready (cloud-init done, sampler connected, SSH "
+            f"answering): {ours:.2f} s"
+        )
+    else:
+        print(f"median bare QEMU -kernel/-initrd to init: {bare:.2f} s")
+        print(f"median dynamem launch to SSH answering:  {ours:.2f} s")
     print(
         f"ratio of medians: {res.ratio_of_medians:.3f}  (target <= 1.25); "
         f"paired ratios median {statistics.median(res.paired_ratios):.3f}, "
@@ -694,7 +732,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the report (results/report/<run-id>/index.html) at the end",
     )
-    p.add_argument("--guest", default="minimal")
+    p.add_argument("--guest", help=GUEST_HELP + "; a resumed run keeps its own")
     p.add_argument("--accel", default="auto", help="auto, kvm, tcg or tcg-icount")
     p.add_argument("--qemu", default="qemu-system-x86_64")
     p.set_defaults(func=cmd_run)
@@ -741,13 +779,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--root", type=Path, help="results root: raw/, timeline/, asv/, html/ (default: results)"
     )
-    p.add_argument("--guest", default="minimal")
+    p.add_argument("--guest", default="minimal", help=GUEST_HELP)
     p.add_argument("--accel", default="auto", help="auto, kvm, tcg or tcg-icount")
     p.add_argument("--qemu", default="qemu-system-x86_64")
     p.set_defaults(func=cmd_nightly)
 
     p = sub.add_parser("doctor", help="check QEMU, the accelerator, the guest image, host tools")
-    p.add_argument("--guest", default="minimal")
+    p.add_argument("--guest", default="minimal", help=GUEST_HELP)
     p.add_argument("--accel", default="auto", help="auto, kvm, tcg or tcg-icount")
     p.add_argument("--qemu", default="qemu-system-x86_64")
     p.add_argument("--reprobe", action="store_true", help="probe KVM again (ignore the cache)")

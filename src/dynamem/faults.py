@@ -95,7 +95,7 @@ class Injector:
     def before_workload(self, vm: "VM") -> None:
         if self.fault is not None and self.fault.kind == "workload-stuck":
             # Freeze every stress process as it appears (the loop outlives the session).
-            _guest_background(vm, "while :; do killall -STOP stress 2>/dev/null; usleep 2000; done")
+            _guest_background(vm, "while :; do killall -STOP stress 2>/dev/null; sleep 0.002; done")
             self.fired = True
 
     def before_step(self, k: int, vm: "VM", mech: "Mechanism") -> None:

@@ -4,8 +4,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dynamem.errors import UserError
+from dynamem.guest import cloud, debootstrap
 from dynamem.guest.build import GuestImage, find_image
-from dynamem.guest.recipe import load_recipe
+from dynamem.guest.recipe import load_cloud_recipe, load_recipe
 from dynamem.qemu import accel
 from dynamem.qemu.config import ICOUNT, VMConfig, vcpus_for
 
@@ -15,7 +16,7 @@ MIN_QEMU = (7, 2, 0)
 @dataclass(frozen=True)
 class Plan:
     config: VMConfig
-    image: GuestImage
+    image: GuestImage | cloud.CloudImage
     accel: accel.AccelChoice
     qemu_version: tuple[int, int, int]
 
@@ -27,6 +28,27 @@ def check_qemu(qemu: str) -> tuple[int, int, int]:
         need = ".".join(map(str, MIN_QEMU))
         raise UserError(f"{qemu} is QEMU {have}; dynamem needs {need} or newer")
     return version
+
+
+def guest_image(guest: str) -> GuestImage | cloud.CloudImage:
+    """`cloud:PATH` (any cloud image), a cloud recipe's built image, or an embedded guest."""
+    if cloud.is_cloud(guest):
+        return cloud.load(guest)
+    recipe = load_cloud_recipe(guest)
+    if recipe is not None:
+        return cloud.load(debootstrap.find_disk(recipe), name=recipe.name)
+    return find_image(load_recipe(guest))
+
+
+def is_cloud_guest(guest: str) -> bool:
+    return cloud.is_cloud(guest) or load_cloud_recipe(guest) is not None
+
+
+def guest_label(guest: str) -> str:
+    """How a cell's condition names its guest: the embedded recipe's name, or the cloud
+    image's name and sha256 (images are never pooled with each other or the embedded guest)."""
+    image = guest_image(guest)
+    return image.label if isinstance(image, cloud.CloudImage) else guest
 
 
 def plan_vm(
@@ -45,11 +67,13 @@ def plan_vm(
     swap: str = "none",
     swap_size: int = 1 << 30,
     data_size: int = 0,
+    mechanism: str | None = None,
 ) -> Plan:
     """Validate everything that can be checked before a QEMU is started.
 
     `cpu` is the guest's -cpu (None: the accelerator's default, config.default_cpu);
-    under tcg-icount the guest gets one vCPU whatever `cpus` says (config.vcpus_for)."""
+    under tcg-icount the guest gets one vCPU whatever `cpus` says (config.vcpus_for).
+    A cloud image that lacks what `mechanism` needs is refused here, naming what it lacks."""
     if accel_request not in (None, "auto", "kvm", "tcg", ICOUNT):
         raise UserError(
             f"unknown accelerator {accel_request!r} (choose from auto, kvm, tcg, {ICOUNT})"
@@ -75,7 +99,10 @@ def plan_vm(
         data_size=data_size,
     )
     version = check_qemu(qemu)
-    image = find_image(load_recipe(guest))
+    image = guest_image(guest)
+    if isinstance(image, cloud.CloudImage):
+        image.check(mechanism)
+        config = replace(config, disk=image.path, disk_format=image.format, root=image.root)
     choice = accel.choose(accel_request, qemu, image.kernel)
     config = replace(config, kernel=image.kernel, initrd=image.initrd, accel=choice.accel)
     return Plan(config, image, choice, version)

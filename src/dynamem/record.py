@@ -370,6 +370,8 @@ class Condition(_Record):
     steps: tuple[str, ...]  # the scenario's whole step sequence
     observer: str = "adaptive"  # how the harness watched (dynamem.observer)
     start: str = "boot"  # how the cell's guest started
+    # the guest: an embedded recipe's name, or "cloud NAME SHA256[:12]" (dynamem.guest.cloud)
+    guest: str = "minimal"
 
     @property
     def workload_label(self) -> str:
@@ -397,6 +399,8 @@ class Condition(_Record):
         parts.append(f"observer {self.observer}")
         if self.start != "boot":
             parts.append(f"start {self.start}")
+        if self.guest != "minimal":
+            parts.append(f"guest {self.guest}")
         parts.append("steps: " + ", ".join(self.steps))
         return "; ".join(parts)
 
@@ -551,6 +555,23 @@ class SuiteSource(_Record):
 
 
 @dataclass
+class CloudImageInfo(_Record):
+    """The cloud image a run booted (dynamem.guest.cloud). `onlining` is what in the image
+    onlines hotplugged memory besides the kernel's memhp_default_state (a udev rule, or
+    none); `sha256_after` is the base read again after the last cell (it must not change)."""
+
+    name: str
+    path: str
+    sha256: str
+    format: str
+    os: str
+    kernel_release: str
+    root: str
+    onlining: str
+    sha256_after: str | None = None
+
+
+@dataclass
 class RunMetadata(_Record):
     """The host and software a run used: runs that differ here are never pooled."""
 
@@ -572,6 +593,7 @@ class RunMetadata(_Record):
     starts: list[str] | None = None
     start_identical: list[str] | None = None
     cluster: str | None = None  # `--cluster` of the invocation that started it (None: serial)
+    cloud_image: CloudImageInfo | None = None  # the run's guest is a cloud image
 
 
 @dataclass

@@ -25,10 +25,11 @@ import pandas as pd
 from dynamem import __version__
 from dynamem.cell import Cell, host_cpu_model, run_cell
 from dynamem.errors import UserError
+from dynamem.guest import cloud
 from dynamem.launch import plan_vm
 from dynamem.paths import checkout, results_dir
 from dynamem.qemu.snapshot import IDENTICAL
-from dynamem.record import CellRecord, RunMetadata, RunRecord, SuiteSource
+from dynamem.record import CellRecord, CloudImageInfo, RunMetadata, RunRecord, SuiteSource
 from dynamem.scenario import Scenario, Suite, load_suite_text
 from dynamem.store import RunStore
 from dynamem.units import GiB, format_size
@@ -99,6 +100,16 @@ def run_metadata(accel_request: str | None, qemu: str, guest: str) -> RunMetadat
     refused (one line) before anything boots."""
     plan = plan_vm(memory=GiB, accel_request=accel_request, qemu=qemu, guest=guest)
     packages = plan.image.manifest.get("packages")
+    image = plan.image
+    info = None
+    if isinstance(image, cloud.CloudImage):
+        info = CloudImageInfo(
+            name=str(image.manifest["name"]), path=str(image.path),
+            sha256=cloud.image_sha256(image.path, verify=True), format=image.format,
+            os=str(image.manifest["os"]), kernel_release=image.kernel_release, root=image.root,
+            onlining=image.onlining,
+        )  # fmt: skip
+
     return RunMetadata(
         host_kernel=platform.release(),
         host_cpu=host_cpu_model(),
@@ -108,13 +119,14 @@ def run_metadata(accel_request: str | None, qemu: str, guest: str) -> RunMetadat
         accel_reason=plan.accel.reason,
         guest=guest,
         guest_kernel=plan.image.kernel_release,
-        guest_image=str(plan.image.manifest.get("cache_key") or "") or None,
+        guest_image=info.sha256 if info else str(image.manifest.get("cache_key") or "") or None,
         guest_packages={str(k): str(v) for k, v in packages.items()}
         if isinstance(packages, dict)
         else None,
         dynamem_version=__version__,
         git_commit=git_commit(),
         python=platform.python_version(),
+        cloud_image=info,
     )
 
 
@@ -266,7 +278,26 @@ def run_suite(
     cells, problems = store.load_cells()
     for problem in problems:
         report(f"unreadable cell record: {problem}")
+    check_cloud_image(store)
     return cells
+
+
+def check_cloud_image(store: RunStore) -> None:
+    """Read a cloud run's base image again: every cell wrote only its own overlay, so the
+    sha256 must be the one read before the first cell. Recorded in run.json either way."""
+    image = store.run.metadata.cloud_image
+    if image is None:
+        return
+    try:
+        image.sha256_after = cloud.image_sha256(Path(image.path), verify=True)
+    except OSError as exc:
+        image.sha256_after = f"unreadable: {exc}"
+    store.save_run()
+    if image.sha256_after != image.sha256:
+        raise UserError(
+            f"the cloud image {image.path} changed during the run (sha256 {image.sha256[:12]} "
+            f"before, {image.sha256_after[:12]} after); its cells are kept in {store.directory}"
+        )
 
 
 def summary_rows(table: pd.DataFrame, cells: list[CellRecord]) -> list[list[str]]:

@@ -170,8 +170,9 @@ class Scenario:
             no_progress_s=mech.no_progress_s,
         )
 
-    def condition(self, accel: str) -> Condition:
-        """What this scenario's cells measure under `accel`, the mechanism aside."""
+    def condition(self, accel: str, guest: str = "minimal") -> Condition:
+        """What this scenario's cells measure under `accel` on `guest` (its label,
+        launch.guest_label), the mechanism aside."""
         return Condition(
             memory=self.memory,
             cpus=vcpus_for(accel, self.cpus),
@@ -188,6 +189,7 @@ class Scenario:
             steps=tuple(str(s) for s in self.steps),
             observer=self.observer,
             start=self.start,
+            guest=guest,
         )
 
     def memory_plan(self, mech: Mechanism) -> MemoryPlan:

@@ -126,5 +126,14 @@ class GuestShell:
         assert isinstance(result, Result)
         return result
 
+    def put(self, local: Path, remote: str) -> None:
+        """Copy a file into the guest over SFTP (its mode kept)."""
+        if not self._conn.is_connected:
+            self.open()
+        try:
+            self._conn.put(str(local), remote)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise GuestCommandError(f"copying {local.name} to the guest failed: {exc}") from exc
+
     def close(self) -> None:
         self._conn.close()

@@ -102,6 +102,11 @@ class RunStore:
             raise UserError(f"{path}: {exc}") from exc
         return cls(directory, run, raw)
 
+    def save_run(self) -> None:
+        """Write run.json again after its metadata gained something (a check at the end)."""
+        atomic_write(self.directory / "run.json", _json(self.run))
+        self._raw_run = to_json_data(self.run)
+
     def completed(self) -> set[str]:
         return {p.stem for p in self.cells_dir.glob("*.json")}
 

@@ -72,7 +72,7 @@ class Stress:
                 "-c",
                 f"kill {pid} 2>/dev/null; killall -CONT stress 2>/dev/null; n=0; "
                 "while pidof stress >/dev/null; do n=$((n + 1)); "
-                '[ "$n" -gt 250 ] && killall -KILL stress 2>/dev/null; usleep 20000; done',
+                '[ "$n" -gt 250 ] && killall -KILL stress 2>/dev/null; sleep 0.02; done',
             ],
             timeout=60,
             check=False,

@@ -156,13 +156,7 @@ def _assemble(recipe: Recipe, lock: Lock, debs: dict[str, Path], work: Path) -> 
 
     # dynamem's own programs, static so they need nothing from the image.
     for source in recipe.sources:
-        src = recipe.directory / source
-        binary = rootfs / "usr" / "bin" / Path(source).stem
-        _check(
-            ["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(binary), str(src)],
-            f"compile {source}",
-        )
-        _check(["strip", str(binary)], f"strip {binary.name}")
+        compile_static(recipe.directory / source, rootfs / "usr" / "bin" / Path(source).stem)
 
     # Kernel modules, in load order.
     _check(["depmod", "-b", str(pkgroot), release], "depmod")
@@ -197,6 +191,16 @@ def _assemble(recipe: Recipe, lock: Lock, debs: dict[str, Path], work: Path) -> 
         "compiled": {Path(s).stem: compiler_version() for s in recipe.sources},
         "sha256": {f: apt.sha256_file(out / f) for f in ("vmlinuz", "initrd.img")},
     }
+
+
+def compile_static(src: Path, binary: Path) -> None:
+    """One of dynamem's own C programs, static so it needs nothing from the guest's image."""
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    _check(
+        ["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(binary), str(src)],
+        f"compile {src.name}",
+    )
+    _check(["strip", str(binary)], f"strip {binary.name}")
 
 
 def _kernel_release(pkgroot: Path, package: str) -> str:

@@ -84,14 +84,59 @@ class Recipe:
         return Lock.from_json(self.lock_path.read_text(), str(self.lock_path))
 
 
-def load_recipe(name: str) -> Recipe:
+@dataclass(frozen=True)
+class CloudRecipe:
+    """A cloud image built with debootstrap (`kind = "cloud"`): for hosts that cannot
+    download one, the same kind of image from the distribution's packages."""
+
+    name: str
+    directory: Path
+    suite: str
+    variant: str
+    packages: tuple[str, ...]
+    size: str
+
+    @property
+    def rootfs(self) -> Path:
+        return self.directory / "rootfs"
+
+
+def _read(name: str) -> tuple[Path, dict[str, Any]]:
     directory = guests_dir() / name
     path = directory / "recipe.toml"
     if not path.exists():
         known = sorted(p.parent.name for p in guests_dir().glob("*/recipe.toml"))
         raise UserError(f"unknown guest {name!r} (known: {', '.join(known) or 'none'})")
     try:
-        data: dict[str, Any] = tomllib.loads(path.read_text())
+        return path, tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: invalid recipe ({exc})") from exc
+
+
+def load_cloud_recipe(name: str) -> CloudRecipe | None:
+    """The cloud-image recipe NAME, or None if NAME is an embedded guest's recipe."""
+    path, data = _read(name)
+    if data.get("kind") != "cloud":
+        return None
+    try:
+        return CloudRecipe(
+            name=name,
+            directory=path.parent,
+            suite=str(data["suite"]),
+            variant=str(data.get("variant", "minbase")),
+            packages=tuple(str(p) for p in data["packages"]),
+            size=str(data["size"]),
+        )
+    except (KeyError, TypeError) as exc:
+        raise UserError(f"{path}: invalid recipe ({exc})") from exc
+
+
+def load_recipe(name: str) -> Recipe:
+    path, data = _read(name)
+    directory = path.parent
+    if data.get("kind") == "cloud":
+        raise UserError(f"guest {name!r} is a cloud image; use it as --guest {name}")
+    try:
         return Recipe(
             name=name,
             directory=directory,
@@ -101,5 +146,5 @@ def load_recipe(name: str) -> Recipe:
             modules=tuple(data["modules"]),
             sources=tuple(data.get("sources", ())),
         )
-    except (tomllib.TOMLDecodeError, KeyError, TypeError) as exc:
+    except (KeyError, TypeError) as exc:
         raise UserError(f"{path}: invalid recipe ({exc})") from exc

@@ -60,6 +60,11 @@ class VMConfig:
     swap: str = "none"
     swap_size: int = 1024 * MiB
     data_size: int = 0  # a sparse virtio-blk disk for the page-cache workload (0: none)
+    # A cloud image (dynamem.guest.cloud): its base disk, which each VM boots through a
+    # qcow2 overlay with a NoCloud seed beside it, and the root= its kernel is booted with.
+    disk: Path | None = None
+    disk_format: str = "qcow2"
+    root: str | None = None
 
     def __post_init__(self) -> None:
         if self.accel not in ACCELERATORS:
@@ -120,6 +125,7 @@ class VMConfig:
     @property
     def cmdline(self) -> str:
         words = [
+            *((f"root={self.root}", "ro") if self.root else ()),
             "console=ttyS0",
             "edd=off",
             "panic=-1",
@@ -159,6 +165,14 @@ class RunFiles:
     @property
     def data_image(self) -> Path:
         return self.directory / "data.img"
+
+    @property
+    def overlay_image(self) -> Path:
+        return self.directory / "disk.qcow2"
+
+    @property
+    def seed_image(self) -> Path:
+        return self.directory / "seed.iso"
 
     @property
     def console_log(self) -> Path:
@@ -223,6 +237,13 @@ def build_argv(config: VMConfig, files: RunFiles) -> list[str]:
             "-device", "virtio-serial-pci,id=vser0",
             "-chardev", f"socket,id=sampler,path={files.sampler_socket},server=off",
             "-device", "virtserialport,bus=vser0.0,chardev=sampler,name=dynamem.sampler",
+        ]  # fmt: skip
+    if config.disk is not None:  # first, so the root disk is vda
+        argv += [
+            "-drive", f"file={files.overlay_image},if=none,id=root0,format=qcow2,discard=unmap",
+            "-device", "virtio-blk-pci,drive=root0,serial=dynamem-root",
+            "-drive", f"file={files.seed_image},if=none,id=seed0,format=raw,readonly=on",
+            "-device", "virtio-blk-pci,drive=seed0,serial=dynamem-seed",
         ]  # fmt: skip
     if config.swap == "disk":
         argv += [

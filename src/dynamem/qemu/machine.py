@@ -18,6 +18,7 @@ from typing import Any
 
 from dynamem.channel import SamplerChannel
 from dynamem.errors import DeadlineExceeded, GuestCommandError, VMError
+from dynamem.guest import cloud
 from dynamem.keys import KeyPair, make_keypair
 from dynamem.paths import make_run_dir
 from dynamem.qemu.config import RunFiles, VMConfig, build_argv
@@ -27,6 +28,7 @@ from dynamem.qemu.snapshot import LOAD_FAILED, SavedState, StateRejected, prepar
 from dynamem.ssh import CommandResult, GuestShell
 
 READY = re.compile(r"^dynamem-ready: (\S+) ([\d.]+)", re.MULTILINE)
+CLOUD_READY = re.compile(re.escape(cloud.READY_WORD) + r" ([\d.]+)")  # cloud-init's final message
 GUEST_ERROR = re.compile(r"^dynamem-error: (.*)$", re.MULTILINE)
 PANIC = re.compile(r"Kernel panic - not syncing: (.*)")
 
@@ -51,6 +53,8 @@ class VM:
     def __init__(
         self, config: VMConfig, *, keep_run_dir: bool = False, restore: SavedState | None = None
     ) -> None:
+        if restore is not None and config.disk is not None:
+            raise VMError("a cloud guest cannot start from a saved state (its disk is not saved)")
         self.config = config
         self.restore = restore
         self.keep_run_dir = keep_run_dir
@@ -91,15 +95,22 @@ class VM:
             raise VMError("VM is not launched")
         return self._process.pid
 
-    def start(self, ready_timeout: float = 180.0) -> "VM":
-        """Launch and wait until the guest answers SSH (or raise, leaving nothing running)."""
+    def start(self, ready_timeout: float | None = None) -> "VM":
+        """Launch and wait until the guest answers SSH and its sampler is connected (or
+        raise, leaving nothing running). Default deadline: 180 s, a cloud image 420 s
+        (systemd and cloud-init take about ten times the embedded guest's boot in TCG)."""
+        if ready_timeout is None:
+            ready_timeout = 180.0 if self.config.disk is None else 420.0
         try:
             self.launch()
+            deadline = self.timings["t0"] + ready_timeout
             if self.restore is not None:
                 self.wait_restored(ready_timeout)
             else:
                 self.wait_ready(ready_timeout)
             self.shell.open()
+            if self.config.disk is not None:
+                self.finish_cloud(deadline)
             self.timings["ssh"] = time.monotonic() - self.timings["t0"]
         except BaseException:
             self._failed = True
@@ -123,6 +134,12 @@ class VM:
             host = make_keypair(keys, "hostkey")
         self._host_key = host.public_line
         fw_cfg = {"authorized_keys": client.public, "hostkey": host.private}
+        if self.config.disk is not None:
+            cloud.make_overlay(
+                self.config.disk, self.config.disk_format, self.run_dir / "disk.qcow2"
+            )
+            user = cloud.user_data(client.public_line, host.private.read_text(), host.public_line)
+            cloud.make_seed(self.run_dir / "seed.iso", self.run_dir.name, user)
         if self.config.data_size:
             with open(self.run_dir / "data.img", "wb") as f:
                 f.truncate(self.config.data_size)
@@ -160,12 +177,17 @@ class VM:
         self._shell = GuestShell(self.files.ssh_port, client.private, self._host_key)
 
     def wait_ready(self, timeout: float) -> None:
-        """Wait for the guest's `dynamem-ready` console line (sshd listening)."""
+        """Wait for the guest's `dynamem-ready` console line (sshd listening), or in a
+        cloud guest for cloud-init's final message (then see finish_cloud)."""
         assert self.files is not None and self._process is not None
         deadline = time.monotonic() + timeout
         while True:
             text = self.console()[self._console_offset :]
-            if match := READY.search(text):
+            if self.config.disk is not None:
+                if CLOUD_READY.search(text):  # the console line; SSH and the sampler follow
+                    self.timings["ready"] = time.monotonic() - self.timings["t0"]
+                    return
+            elif match := READY.search(text):
                 self.kernel_release = match.group(1)
                 self.timings["ready"] = time.monotonic() - self.timings["t0"]
                 if self._sampler is not None:
@@ -188,6 +210,35 @@ class VM:
                     f"guest not ready within {timeout:g} s; last console line: {last[0][:120]}"
                 )
             time.sleep(0.01)
+
+    def finish_cloud(self, deadline: float) -> None:
+        """A cloud guest after cloud-init's final message: check cloud-init's own status,
+        copy in the sampler, impact program and prepare script, run it (tracing, swap, the
+        sampler) and wait for the sampler's hello."""
+
+        def left() -> float:
+            return max(5.0, deadline - time.monotonic())
+
+        status = self.run(["cloud-init", "status", "--wait", "--long"], timeout=left(), check=False)
+        if status.returncode != 0 or "status: done" not in status.stdout:
+            detail = " ".join((status.stdout + status.stderr).split())[-240:]
+            raise VMError(f"cloud-init did not finish cleanly: {detail}")
+        self.kernel_release = self.run(["uname", "-r"]).stdout.strip()
+        # As in the minimal guest, whose init loads them whatever devices it has: the
+        # prepare script traces functions in them (udev loads only what a device needs).
+        self.run(["modprobe", "-a", "virtio_balloon", "virtio_mem"])
+        self.run(["mkdir", "-p", "/usr/local/lib/dynamem"])
+        for name, local in cloud.agent_files().items():
+            remote = (
+                f"/usr/local/lib/dynamem/{name}" if name == "prepare" else f"/usr/local/bin/{name}"
+            )
+            self.shell.put(local, remote)
+        out = self.run(["sh", "/usr/local/lib/dynamem/prepare"], timeout=min(60.0, left()))
+        if errors := GUEST_ERROR.findall(out.stdout):
+            raise VMError(f"preparing the cloud guest failed: {'; '.join(errors)}")
+        self.timings["prepared"] = time.monotonic() - self.timings["t0"]
+        if self._sampler is not None:
+            self._sampler.wait_hello(left())
 
     def wait_restored(self, timeout: float) -> None:
         """Load the saved state into the waiting QEMU and wait until the guest runs again
@@ -234,6 +285,8 @@ class VM:
         self.qmp("system_reset")
         self.wait_ready(timeout)
         self.shell.open()
+        if self.config.disk is not None:
+            self.finish_cloud(start + timeout)
         if self._resets is not None:
             self.monitor.drain(self._resets)  # the reset asked for
         return time.monotonic() - start
