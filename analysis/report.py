@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from dynamem.qemu.config import ICOUNT
-from dynamem.record import CellRecord, FreeStep, OomStep, RebootStep
+from dynamem.record import CellRecord, FreeStep, OomStep, RebootStep, RunMetadata
 from dynamem.store import RunStore
 
 from . import figures as F
@@ -158,6 +158,26 @@ def _shares(table: pd.DataFrame, by: list[str]) -> dict[tuple[object, ...], tupl
 # -- setup and conditions ---------------------------------------------------------------------
 
 
+def _guest_image(meta: RunMetadata, packages: int) -> str:
+    """The embedded guest's cache key, or what the cloud image is and whether its base
+    stayed unwritten."""
+    image = meta.cloud_image
+    if image is None:
+        return f"`{str(meta.guest_image)[:16]}` ({packages} pinned packages)"
+    if image.sha256_after is None:
+        kept = "not read again yet (the run did not finish)"
+    elif image.sha256_after == image.sha256:
+        kept = "unchanged after the run (sha256 read again)"
+    else:
+        kept = f"**changed during the run** (sha256 after: `{image.sha256_after[:16]}`)"
+    return (
+        f"cloud image **{image.name}** (`{image.path}`, {image.format}, sha256 "
+        f"`{image.sha256[:16]}`): {image.os}, {packages} packages, root {image.root}; "
+        f"memory onlined by the kernel's memhp_default_state, by the image itself: "
+        f"{image.onlining}; base {kept}"
+    )
+
+
 def _start_mode(rep: Report) -> str:
     """How the run's guests started, and what a saved state makes identical across cells."""
     parts = []
@@ -277,7 +297,7 @@ def _setup(rep: Report) -> None:
                 ["host", f"{meta.host_cpu}, {meta.host_cpus} CPUs, kernel {meta.host_kernel}"],
                 ["QEMU", meta.qemu_version],
                 ["guest kernel", f"{meta.guest_kernel} (package {kernel_pin})"],
-                ["guest image", f"`{str(meta.guest_image)[:16]}` ({len(pins)} pinned packages)"],
+                ["guest image", _guest_image(meta, len(pins))],
                 ["dynamem", f"{meta.dynamem_version} at `{meta.git_commit[:12]}`"],
                 ["observer", ", ".join(observers)],
                 ["start", _start_mode(rep)],

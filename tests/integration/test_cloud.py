@@ -47,9 +47,7 @@ def debian_cloud():
     return cloud.load(disk, name="debian-cloud")
 
 
-def test_cloud_init_applies_the_seed_and_the_base_is_never_written(
-    image, debian_cloud, run_base
-):
+def test_cloud_init_applies_the_seed_and_the_base_is_never_written(image, debian_cloud, run_base):
     before = cloud.sha256_of(debian_cloud.path)
     plan = plan_vm(memory=GiB, guest="debian-cloud", swap="disk", swap_size=GiB // 4)
     assert plan.config.disk == debian_cloud.path
