@@ -64,7 +64,7 @@ class WorkloadDied(DynamemError):
     """The workload's processes are gone before the steps ended (e.g. the OOM killer)."""
 
 
-def _guest_label(guest: str) -> str:
+def guest_condition_label(guest: str) -> str:
     """The guest's label for the condition; its name alone if it cannot be read (the cell
     then fails in planning, with the reason)."""
     try:
@@ -270,7 +270,7 @@ def run_cell(
         scenario=s.name,
         repeat=cell.repeat,
         mechanism=s.mechanism_config(),
-        condition=s.condition(accel, _guest_label(guest)),
+        condition=s.condition(accel, guest_condition_label(guest)),
         timings=timings,
         reproduces=s.reproduces,
         scenario_config=dict(s.raw),

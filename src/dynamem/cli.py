@@ -171,7 +171,6 @@ def cmd_vm_exec(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from dynamem import runner
-    from dynamem.launch import is_cloud_guest
     from dynamem.scenario import load_suite, with_control_arm, with_repeats, with_start
     from dynamem.store import RunStore
 
@@ -204,11 +203,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.start:
             suite = with_start(suite, args.start)
         seed = suite.seed if args.seed is None else args.seed
-        if "snapshot" in {s.start for s in suite.scenarios} and is_cloud_guest(guest):
-            raise UserError(
-                f"run: --guest {guest} is a cloud image, which boots for every cell "
-                "(start = snapshot saves no disk state)"
-            )
         if args.dry_run:
             print("\n".join(runner.dry_run_lines(suite, seed)))
             return 0
@@ -341,8 +335,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_nightly(args: argparse.Namespace) -> int:
     from dynamem import nightly
+    from dynamem.launch import is_cloud_guest
     from dynamem.scenario import load_suite
+    from dynamem.store import RunStore
 
+    # asv's machines are keyed by host and accelerator, not by guest: a cloud image's
+    # points would land on the embedded guest's graphs and thresholds
+    if is_cloud_guest(args.guest) or (
+        args.raw and RunStore.open(Path(args.raw)).run.metadata.cloud_image is not None
+    ):
+        raise UserError(
+            "nightly: the asv timeline tracks the embedded guest; run cloud images with "
+            "`dynamem run` and compare them with `dynamem compare`"
+        )
     nightly.check_tools()
     layout = nightly.Layout(args.root or nightly.default_root())
     runs: list[tuple[str, str]] = [] if args.raw else [(args.suite, args.accel)]
@@ -545,6 +550,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
 
     from dynamem import mechanisms, runner
     from dynamem.cell import Cell, resize_summary, run_cell
+    from dynamem.launch import is_cloud_guest
     from dynamem.record import to_json_data
     from dynamem.scenario import build_scenario
 
@@ -586,7 +592,12 @@ def cmd_resize(args: argparse.Namespace) -> int:
     if args.stress:
         data.update(workload="stress", workload_size=args.stress)
     scenario = build_scenario(data, "dynamem resize")
-    metadata = runner.run_metadata(args.accel, args.qemu, args.guest)
+    if scenario.start == "snapshot" and is_cloud_guest(args.guest):
+        raise UserError(
+            f"resize: --guest {args.guest} is a cloud image, which boots for every cell "
+            "(--start snapshot saves no disk state)"
+        )
+    metadata = runner.run_metadata(args.accel, args.qemu, args.guest, [args.mechanism])
     record = run_cell(
         Cell(scenario, 1),
         accel_request=args.accel,
@@ -792,7 +803,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
 
     bench = sub.add_parser(
-        "selfbench", help="benchmarks of dynamem itself (the asv suite is `bench/`)"
+        "selfbench",
+        aliases=["bench"],
+        help="benchmarks of dynamem itself (the asv suite is `bench/`)",
     )
     bsub = bench.add_subparsers(dest="bench_command", required=True, parser_class=_ArgumentParser)
     p = bsub.add_parser(

@@ -31,7 +31,7 @@ from distributed.client import FutureCancelledError, FuturesCancelledError
 from distributed.comm.core import CommClosedError
 from distributed.scheduler import KilledWorker
 
-from dynamem.cell import Cell, host_cpu_model, qemu_version_text, run_cell
+from dynamem.cell import Cell, guest_condition_label, host_cpu_model, qemu_version_text, run_cell
 from dynamem.errors import UserError
 from dynamem.placement import available_cpus, fingerprint, pin, split_cpus
 from dynamem.record import CellRecord, HostInfo
@@ -487,7 +487,9 @@ class Dispatch:
             scenario=s.name,
             repeat=cell.repeat,
             mechanism=s.mechanism_config(),
-            condition=s.condition(self.options["accel"]),
+            condition=s.condition(
+                self.options["accel"], guest_condition_label(self.options.get("guest", "minimal"))
+            ),
             scenario_config=dict(s.raw),
             failed_at="cluster",
             error=f"cluster: {why}",

@@ -5,9 +5,8 @@ import shutil
 from dataclasses import dataclass
 
 from dynamem.errors import UserError
-from dynamem.guest.build import find_image
-from dynamem.guest.recipe import load_recipe
-from dynamem.launch import MIN_QEMU, check_qemu
+from dynamem.guest import cloud
+from dynamem.launch import MIN_QEMU, check_qemu, guest_image
 from dynamem.qemu import accel
 
 # host tool -> Debian package that provides it
@@ -62,15 +61,19 @@ def run_checks(qemu: str, guest: str, accel_request: str | None, reprobe: bool) 
         checks.append(Check("qemu", False, str(exc)))
     kernel = None
     try:
-        image = find_image(load_recipe(guest))
+        image = guest_image(guest)
         kernel = image.kernel
-        checks.append(
-            Check(
-                "guest image",
-                True,
-                f"{guest}: kernel {image.kernel_release}, checksums ok, {image.directory}",
+        if isinstance(image, cloud.CloudImage):
+            image.check()  # what every cell needs
+            usable = [m for m in sorted(cloud.MECHANISM_OPTIONS) if not image.missing_for(m)]
+            detail = (
+                f"{guest}: {image.manifest['os']}, kernel {image.kernel_release}, "
+                f"mechanisms {', '.join(usable) or 'none'}, onlines memory by itself: "
+                f"{image.onlining}, {image.path}"
             )
-        )
+        else:
+            detail = f"{guest}: kernel {image.kernel_release}, checksums ok, {image.directory}"
+        checks.append(Check("guest image", True, detail))
     except UserError as exc:
         checks.append(Check("guest image", False, str(exc)))
     kvm = "/dev/kvm " + (

@@ -108,7 +108,7 @@ class Injector:
             _guest_background(vm, "echo f > /proc/sysrq-trigger")
             self.fired = True
         elif fault.kind == "ssh-drop":
-            _guest_background(vm, "sleep 0.2; killall -KILL dropbear")
+            _guest_background(vm, "sleep 0.2; killall -KILL dropbear sshd")
             self.fired = True
         elif fault.kind == "no-converge":
             vm.run(["rmmod", "virtio_balloon"], timeout=30)

@@ -101,7 +101,7 @@ def plan_vm(
     version = check_qemu(qemu)
     image = guest_image(guest)
     if isinstance(image, cloud.CloudImage):
-        image.check(mechanism)
+        image.check(mechanism, swap)
         config = replace(config, disk=image.path, disk_format=image.format, root=image.root)
     choice = accel.choose(accel_request, qemu, image.kernel)
     config = replace(config, kernel=image.kernel, initrd=image.initrd, accel=choice.accel)

@@ -16,7 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,7 @@ from dynamem import __version__
 from dynamem.cell import Cell, host_cpu_model, run_cell
 from dynamem.errors import UserError
 from dynamem.guest import cloud
-from dynamem.launch import plan_vm
+from dynamem.launch import guest_image, is_cloud_guest, plan_vm
 from dynamem.paths import checkout, results_dir
 from dynamem.qemu.snapshot import IDENTICAL
 from dynamem.record import CellRecord, CloudImageInfo, RunMetadata, RunRecord, SuiteSource
@@ -95,9 +95,16 @@ def git_commit() -> str:
         return "unknown"
 
 
-def run_metadata(accel_request: str | None, qemu: str, guest: str) -> RunMetadata:
+def run_metadata(
+    accel_request: str | None, qemu: str, guest: str, mechanisms: Iterable[str] = ()
+) -> RunMetadata:
     """The host and software of a run; also where a bad accelerator, QEMU or guest image is
-    refused (one line) before anything boots."""
+    refused (one line) before anything boots, and a cloud image that lacks what one of
+    `mechanisms` needs."""
+    image = guest_image(guest)  # before plan_vm, whose accelerator probe may boot a VM
+    if isinstance(image, cloud.CloudImage):
+        for mechanism in sorted(set(mechanisms)):
+            image.check(mechanism)
     plan = plan_vm(memory=GiB, accel_request=accel_request, qemu=qemu, guest=guest)
     packages = plan.image.manifest.get("packages")
     image = plan.image
@@ -155,7 +162,12 @@ def start_run(
 ) -> RunStore:
     """The one way a run starts (`dynamem run`, the nightly, asv alone): metadata, order
     and an empty store in `out` (default: `<raw_dir or results/raw>/<run-id>`)."""
-    metadata = run_metadata(accel_request, qemu, guest)
+    if "snapshot" in {s.start for s in suite.scenarios} and is_cloud_guest(guest):
+        raise UserError(
+            f"--guest {guest} is a cloud image, which boots for every cell "
+            "(start = snapshot saves no disk state)"
+        )
+    metadata = run_metadata(accel_request, qemu, guest, {s.mechanism for s in suite.scenarios})
     metadata.starts = sorted({s.start for s in suite.scenarios})
     if "snapshot" in metadata.starts:
         metadata.start_identical = list(IDENTICAL)
@@ -225,6 +237,14 @@ def run_suite(
             f"accelerators in one run (resume with --accel {recorded} or auto)"
         )
     accel_request = recorded
+    if run.metadata.cloud_image is not None:  # a resumed run goes on on the very same image
+        image = run.metadata.cloud_image
+        now = cloud.image_sha256(Path(image.path)) if Path(image.path).is_file() else "gone"
+        if now != image.sha256:
+            raise UserError(
+                f"run {run.run_id} ran on {image.path} with sha256 {image.sha256[:12]}; it "
+                f"is now {now[:12]}: its remaining cells would measure another image"
+            )
     suite = suite_of(run)
     for problem in store.set_aside_invalid():
         report(f"unreadable cell record {problem}; set aside as .invalid, the cell runs again")

@@ -73,7 +73,7 @@ def bare_boot_to_init(plan: Plan, timeout: float = 120.0) -> float:
         run_dir.rmdir()
 
 
-def bare_cloud_boot(plan: Plan, timeout: float = 300.0) -> float:
+def bare_cloud_boot(plan: Plan, timeout: float = 420.0) -> float:
     """Seconds from starting QEMU to cloud-init's final message on the console, with the
     very command line dynamem boots the cloud image with (overlay, seed, network, QMP and
     sampler sockets listening but never spoken to), and nothing else: no SSH, no sampler."""
@@ -87,33 +87,33 @@ def bare_cloud_boot(plan: Plan, timeout: float = 300.0) -> float:
     c = plan.config
     assert c.disk is not None
     run_dir = make_run_dir("bare")
-    (run_dir / "keys").mkdir(mode=0o700)
-    client = make_keypair(run_dir / "keys", "client")
-    host = make_keypair(run_dir / "keys", "hostkey")
-    files = RunFiles(
-        run_dir, free_port(), {"authorized_keys": client.public, "hostkey": host.private}
-    )
-    cloud.make_overlay(c.disk, c.disk_format, files.overlay_image)
-    user = cloud.user_data(client.public_line, host.private.read_text(), host.public_line)
-    cloud.make_seed(files.seed_image, run_dir.name, user)
-    listeners = []
-    for path in (files.qmp_socket, files.sampler_socket):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(str(path))
-        sock.listen(1)
-        listeners.append(sock)
-    if c.swap == "disk":
-        with open(files.swap_image, "wb") as f:
-            f.truncate(c.swap_size)
-    proc = QemuProcess(build_argv(c, files), files.qemu_log)
+    listeners: list[socket.socket] = []
+    proc: QemuProcess | None = None
     try:
+        (run_dir / "keys").mkdir(mode=0o700)
+        client = make_keypair(run_dir / "keys", "client")
+        host = make_keypair(run_dir / "keys", "hostkey")
+        fw_cfg = {"authorized_keys": client.public, "hostkey": host.private}
+        files = RunFiles(run_dir, free_port(), fw_cfg)
+        cloud.make_overlay(c.disk, c.disk_format, files.overlay_image)
+        user = cloud.user_data(client.public_line, host.private.read_text(), host.public_line)
+        cloud.make_seed(files.seed_image, run_dir.name, user)
+        for path in (files.qmp_socket, files.sampler_socket):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listeners.append(sock)
+            sock.bind(str(path))
+            sock.listen(1)
+        for size, image in ((c.swap_size if c.swap == "disk" else 0, files.swap_image),
+                            (c.data_size, files.data_image)):  # fmt: skip
+            if size:
+                with open(image, "wb") as f:
+                    f.truncate(size)
+        proc = QemuProcess(build_argv(c, files), files.qemu_log)
         start = time.monotonic()
         proc.start()
         while True:
-            text = (
-                files.console_log.read_text(errors="replace") if files.console_log.exists() else ""
-            )
-            if cloud.READY_WORD in text:
+            console = files.console_log
+            if console.exists() and cloud.READY_WORD in console.read_text(errors="replace"):
                 return time.monotonic() - start
             if time.monotonic() - start > timeout or not proc.alive():
                 raise DeadlineExceeded(
@@ -121,7 +121,8 @@ def bare_cloud_boot(plan: Plan, timeout: float = 300.0) -> float:
                 )
             time.sleep(0.01)
     finally:
-        proc.kill()
+        if proc is not None:
+            proc.kill()
         for sock in listeners:
             sock.close()
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -253,3 +253,106 @@ def test_prepare_script_is_shared_and_mounts_tracefs_only_when_needed():
     assert ". /etc/dynamem/prepare" in rc
     assert "[ -e $tr/trace_clock ] || mount -t tracefs" in prepare
     assert "usleep" not in prepare  # busybox-only; a cloud image has no usleep
+
+
+# -- bad input: one line, exit 2, nothing booted ---------------------------------------------
+
+
+def _main(capsys, *argv):
+    from dynamem.cli import main
+
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def no_vm(tmp_path, monkeypatch):
+    base = tmp_path / "runs"
+    monkeypatch.setenv("DYNAMEM_RUN_BASE", str(base))
+    yield
+    assert not base.exists(), "a VM was started for bad input"
+
+
+def test_missing_cloud_image_is_one_line(capsys, no_vm, cache, tmp_path):
+    code, err = _main(capsys, "vm", "exec", "--guest", f"cloud:{tmp_path}/no.qcow2", "--", "true")
+    assert code == 2
+    assert err.strip() == f"dynamem: error: cloud image {tmp_path}/no.qcow2 does not exist"
+
+
+def test_an_image_without_virtio_mem_is_refused_before_booting(capsys, no_vm, cache, tmp_path):
+    config = DEBIAN_CONFIG.replace("CONFIG_VIRTIO_MEM=m", "# CONFIG_VIRTIO_MEM is not set")
+    disk, _ = make_disk(tmp_path, config=config, rules={}, programs=PROGRAMS)
+    argv = ["resize", "--guest", f"cloud:{disk}", "--memory", "1G", "--by", "-128M"]
+    code, err = _main(capsys, *argv, "--mechanism", "virtio-mem")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "lacks for virtio-mem: CONFIG_VIRTIO_MEM" in err
+
+
+def test_a_cloud_run_cannot_start_from_saved_states(capsys, no_vm, cache, tmp_path):
+    disk, _ = make_disk(tmp_path, config=DEBIAN_CONFIG, rules={}, programs=PROGRAMS)
+    out = tmp_path / "out"
+    code, err = _main(capsys, "run", "--suite", "quick", "--start", "snapshot",
+                      "--guest", f"cloud:{disk}", "--out", str(out))  # fmt: skip
+    assert code == 2 and "start = snapshot saves no disk state" in err
+    assert not out.exists()
+
+
+def test_a_resumed_run_keeps_its_guest(capsys, no_vm, tmp_path):
+    from dynamem.store import RunStore
+
+    from .records import run_record
+
+    out = tmp_path / "run"
+    RunStore.create(out, run_record(["balloon-idle-r1"], guest="debian-cloud"))
+    code, err = _main(capsys, "run", "--resume", str(out), "--guest", "minimal")
+    assert code == 2 and f"{out} ran on --guest debian-cloud, not minimal" in err
+
+
+def test_a_changed_base_image_fails_the_run_and_is_recorded(tmp_path, cache):
+    from dynamem.record import CloudImageInfo
+    from dynamem.runner import check_cloud_image
+    from dynamem.store import RunStore
+
+    from .records import run_record
+
+    base = tmp_path / "base.qcow2"
+    base.write_bytes(b"before")
+    info = CloudImageInfo(
+        name="base.qcow2", path=str(base), sha256=cloud.sha256_of(base), format="qcow2",
+        os="Debian", kernel_release=RELEASE, root="PARTUUID=x", onlining="none",
+    )  # fmt: skip
+    store = RunStore.create(tmp_path / "run", run_record(["a-r1"], cloud_image=info))
+    check_cloud_image(store)
+    assert RunStore.open(tmp_path / "run").run.metadata.cloud_image.sha256_after == info.sha256
+    base.write_bytes(b"after!")
+    with pytest.raises(UserError, match="changed during the run"):
+        check_cloud_image(store)
+    after = RunStore.open(tmp_path / "run").run.metadata.cloud_image
+    assert after.sha256_after == cloud.sha256_of(base) != after.sha256
+
+
+def test_mbr_partitions_are_named_by_their_own_numbers(tmp_path):
+    if shutil.which("sfdisk") is None:
+        pytest.skip("needs sfdisk")
+    raw = tmp_path / "mbr.raw"
+    with raw.open("wb") as f:
+        f.truncate(32 << 20)
+    # a primary, an extended and a logical partition: the logical one is number 5
+    script = "label: dos\nlabel-id: 0x1234abcd\n,8M,83\n,,E\n,4M,83\n"
+    subprocess.run(["sfdisk", "-q", str(raw)], input=script, text=True, check=True)
+    roots = [root for _, root in cloud._partitions(raw)]
+    assert roots == ["PARTUUID=1234abcd-01", "PARTUUID=1234abcd-02", "PARTUUID=1234abcd-05"]
+    bare = tmp_path / "bare.raw"
+    bare.write_bytes(b"\0" * 4096)
+    assert cloud._partitions(bare) == [(0, "/dev/vda")]  # no table: the whole disk
+
+
+def test_kernel_versions_sort_as_versions():
+    releases = ["6.1.0-9-amd64", "6.1.0-13-amd64", "6.1.0-rc7-amd64", "5.10.0-30-amd64"]
+    assert sorted(releases, key=cloud.version_key)[-1] == "6.1.0-13-amd64"
+
+
+def test_the_nightly_refuses_a_cloud_guest(capsys, no_vm, tmp_path):
+    code, err = _main(capsys, "nightly", "--guest", f"cloud:{tmp_path}/x.qcow2",
+                      "--root", str(tmp_path / "n"))  # fmt: skip
+    assert code == 2 and "the asv timeline tracks the embedded guest" in err

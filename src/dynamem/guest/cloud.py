@@ -8,6 +8,7 @@ tell whether something besides the kernel onlines hotplugged memory. Each VM the
 qcow2 overlay on top of the base and a NoCloud seed, so the base is never written.
 """
 
+import contextlib
 import hashlib
 import io
 import json
@@ -43,6 +44,7 @@ MODULES = {
     "CONFIG_VIRTIO_PCI": "virtio_pci", "CONFIG_VIRTIO_BLK": "virtio_blk",
     "CONFIG_VIRTIO_NET": "virtio_net", "CONFIG_VIRTIO_CONSOLE": "virtio_console",
     "CONFIG_VIRTIO_BALLOON": "virtio_balloon", "CONFIG_VIRTIO_MEM": "virtio_mem",
+    "CONFIG_ZRAM": "zram",
 }  # fmt: skip
 # One rule line that assigns (=, not == or !=) "online..." to a memory block's state.
 ONLINE_RULE = re.compile(r'^[^#]*SUBSYSTEM=="memory".*ATTR\{state\}="online', re.MULTILINE)
@@ -84,11 +86,13 @@ class CloudImage:
         guest."""
         return f"cloud {self.manifest.get('name') or self.path.name} {self.sha256[:12]}"
 
-    def missing_for(self, mechanism: str | None) -> list[str]:
-        """Kernel options or modules the image lacks for `mechanism` (None: any guest)."""
+    def missing_for(self, mechanism: str | None, swap: str = "none") -> list[str]:
+        """Kernel options or modules the image lacks for `mechanism` (None: any guest) and
+        the swap kind."""
         config: dict[str, str] = self.manifest["kernel_config"]
         modules = set(self.manifest["modules"])
         options = BASE_OPTIONS + (MECHANISM_OPTIONS.get(mechanism, ()) if mechanism else ())
+        options += ("CONFIG_ZRAM",) if swap == "zram" else ()
         missing = []
         for option in options:
             value = config.get(option)
@@ -98,9 +102,9 @@ class CloudImage:
                 missing.append(f"the {MODULES[option]} module")
         return missing
 
-    def check(self, mechanism: str | None = None) -> None:
+    def check(self, mechanism: str | None = None, swap: str = "none") -> None:
         """One line naming what the image lacks, before anything boots."""
-        lacks = [*self.missing_for(mechanism), *self.manifest["missing_programs"]]
+        lacks = [*self.missing_for(mechanism, swap), *self.manifest["missing_programs"]]
         if lacks:
             what = f" for {mechanism}" if mechanism else ""
             raise UserError(f"cloud image {self.path} lacks{what}: {', '.join(lacks)}")
@@ -147,7 +151,7 @@ def load(guest_or_path: str | Path, name: str | None = None) -> CloudImage:
     """The image behind `cloud:PATH` (or a path), inspected once per content and cached;
     `name` names it in conditions (default: the file's name)."""
     text = str(guest_or_path)
-    path = Path(text.removeprefix(PREFIX)).expanduser()
+    path = Path(text.removeprefix(PREFIX)).expanduser().absolute()  # resumes from anywhere
     if not path.is_file():
         raise UserError(f"cloud image {path} does not exist")
     if not os.access(path, os.R_OK):
@@ -238,7 +242,8 @@ def _partitions(raw: Path) -> list[tuple[int, str]]:
     table = json.loads(proc.stdout)["partitiontable"]
     sector = int(table.get("sectorsize", 512))
     out = []
-    for number, part in enumerate(table.get("partitions", []), start=1):
+    for part in table.get("partitions", []):
+        number = int(re.search(r"(\d+)$", part["node"]).group(1))  # type: ignore[union-attr]
         if "uuid" in part:
             root = f"PARTUUID={part['uuid'].lower()}"
         elif "id" in table:  # MBR: the disk id and the partition number
@@ -249,8 +254,9 @@ def _partitions(raw: Path) -> list[tuple[int, str]]:
     return out
 
 
-def version_key(release: str) -> list[Any]:
-    return [int(p) if p.isdigit() else p for p in re.split(r"[.-]", release)]
+def version_key(release: str) -> list[tuple[int, int, str]]:
+    """Numbers compare as numbers, words as words (6.1.0-13 after 6.1.0-9 and 6.1.0-rc7)."""
+    return [(1, int(p), "") if p.isdigit() else (0, 0, p) for p in re.split(r"[.-]", release)]
 
 
 def _kernel_config(text: str) -> dict[str, str]:
@@ -286,6 +292,9 @@ def onlining_of(rules: dict[str, str]) -> str:
 
 
 def _inspect(path: Path, digest: str, directory: Path) -> CloudImage:
+    for tool, package in _PKG.items():
+        if shutil.which(tool) is None:
+            raise GuestBuildError(f"reading cloud images needs {tool}: apt-get install {package}")
     info = json.loads(_run(["qemu-img", "info", "--output=json", str(path)], f"read {path}"))
     fmt = info.get("format")
     if fmt not in ("qcow2", "raw"):
@@ -375,9 +384,16 @@ def _inspect(path: Path, digest: str, directory: Path) -> CloudImage:
             "packages": dpkg_packages(root_fs.read("/var/lib/dpkg/status")),
         }  # fmt: skip
         (out / "inspect.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.rename(out, directory)
+        if directory.exists():  # stale (older inspection) or another process's: replace
+            stale = directory.with_name(f".stale-{directory.name}-{os.getpid()}")
+            with contextlib.suppress(OSError):
+                os.rename(directory, stale)
+                shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.rename(out, directory)
+        except OSError:  # another process inspected the same image at the same time
+            if not (directory / "inspect.json").exists():
+                raise
     return CloudImage(path, directory / "vmlinuz", directory / "initrd.img", manifest)
 
 

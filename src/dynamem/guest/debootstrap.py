@@ -120,6 +120,10 @@ def build(recipe: CloudRecipe, *, force: bool = False) -> tuple[Path, bool]:
         if target.parent.exists():
             shutil.rmtree(target.parent)
         os.rename(out, target.parent)
+    # Earlier builds of this recipe (other inputs) are about 800 MiB each: keep only this one.
+    for old in target.parent.parent.glob(f"{recipe.name}-*"):
+        if old != target.parent and (old / "manifest.json").exists():
+            shutil.rmtree(old, ignore_errors=True)
     return target, False
 
 
