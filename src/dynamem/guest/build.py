@@ -65,7 +65,7 @@ def compiler_version() -> str:
     """The host gcc that compiles the recipe's own programs (part of the cache key)."""
     if not shutil.which("gcc"):
         raise GuestBuildError("gcc not found: apt-get install gcc libc6-dev")
-    return _check(["gcc", "--version"], "gcc --version").splitlines()[0]
+    return run_tool(["gcc", "--version"], "gcc --version").splitlines()[0]
 
 
 def cache_key(recipe: Recipe, lock: Lock) -> str:
@@ -125,14 +125,14 @@ def _assemble(recipe: Recipe, lock: Lock, debs: dict[str, Path], work: Path) -> 
     for d in (pkgroot, rootfs, out):
         d.mkdir()
     for name in sorted(debs):
-        _check(["dpkg-deb", "-x", str(debs[name]), str(pkgroot)], f"unpack {name}")
+        run_tool(["dpkg-deb", "-x", str(debs[name]), str(pkgroot)], f"unpack {name}")
 
     release = _kernel_release(pkgroot, lock.kernel)
     shutil.copyfile(pkgroot / "boot" / f"vmlinuz-{release}", out / "vmlinuz")
 
     # Busybox and its applets.
     _install(pkgroot / "bin" / "busybox", rootfs / "bin" / "busybox")
-    applets = _check([str(pkgroot / "bin" / "busybox"), "--list-full"], "list busybox applets")
+    applets = run_tool([str(pkgroot / "bin" / "busybox"), "--list-full"], "list busybox applets")
     for applet in sorted(applets.split()):
         link = rootfs / applet
         if not link.exists() and not link.is_symlink():
@@ -159,7 +159,7 @@ def _assemble(recipe: Recipe, lock: Lock, debs: dict[str, Path], work: Path) -> 
         compile_static(recipe.directory / source, rootfs / "usr" / "bin" / Path(source).stem)
 
     # Kernel modules, in load order.
-    _check(["depmod", "-b", str(pkgroot), release], "depmod")
+    run_tool(["depmod", "-b", str(pkgroot), release], "depmod")
     moddir = pkgroot / "lib" / "modules" / release
     deps = modules.parse_modules_dep((moddir / "modules.dep").read_text())
     builtin = set((moddir / "modules.builtin").read_text().split())
@@ -196,11 +196,11 @@ def _assemble(recipe: Recipe, lock: Lock, debs: dict[str, Path], work: Path) -> 
 def compile_static(src: Path, binary: Path) -> None:
     """One of dynamem's own C programs, static so it needs nothing from the guest's image."""
     binary.parent.mkdir(parents=True, exist_ok=True)
-    _check(
+    run_tool(
         ["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(binary), str(src)],
         f"compile {src.name}",
     )
-    _check(["strip", str(binary)], f"strip {binary.name}")
+    run_tool(["strip", str(binary)], f"strip {binary.name}")
 
 
 def _kernel_release(pkgroot: Path, package: str) -> str:
@@ -240,11 +240,12 @@ def _make_initramfs(rootfs: Path, target: Path) -> None:
             raise GuestBuildError("cpio | zstd failed while packing the initramfs")
 
 
-def _check(argv: list[str], what: str) -> str:
+def run_tool(argv: list[str], what: str, stdin: str | None = None) -> str:
+    """A host tool's stdout; its failure (or absence) is one GuestBuildError line."""
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)
     except FileNotFoundError as exc:
         raise GuestBuildError(f"{what}: {argv[0]} not found") from exc
     if proc.returncode != 0:
-        raise GuestBuildError(f"{what} failed: {proc.stderr.strip()[-300:]}")
+        raise GuestBuildError(f"{what} failed: {(proc.stderr or proc.stdout).strip()[-300:]}")
     return proc.stdout

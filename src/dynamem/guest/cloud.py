@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dynamem.errors import GuestBuildError, UserError
+from dynamem.guest.build import run_tool
 from dynamem.paths import cache_dir
 
 PREFIX = "cloud:"
@@ -173,17 +174,6 @@ def load(guest_or_path: str | Path, name: str | None = None) -> CloudImage:
     return image
 
 
-def _run(argv: list[str], what: str) -> str:
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-    except FileNotFoundError as exc:
-        package = _PKG.get(argv[0], argv[0])
-        raise GuestBuildError(f"{what}: {argv[0]} not found (apt-get install {package})") from exc
-    if proc.returncode != 0:
-        raise GuestBuildError(f"{what} failed: {(proc.stderr or proc.stdout).strip()[-300:]}")
-    return proc.stdout
-
-
 _PKG = {"debugfs": "e2fsprogs", "sfdisk": "fdisk", "qemu-img": "qemu-utils"}
 
 
@@ -221,7 +211,7 @@ class _Fs:
         ).stdout  # fmt: skip
 
     def dump(self, path: str, target: Path) -> None:
-        _run(["debugfs", "-R", f"dump {path} {target}", self.device], f"extract {path}")
+        run_tool(["debugfs", "-R", f"dump {path} {target}", self.device], f"extract {path}")
         if not target.exists() or target.stat().st_size == 0:
             raise GuestBuildError(f"could not extract {path} from the image")
 
@@ -295,7 +285,7 @@ def _inspect(path: Path, digest: str, directory: Path) -> CloudImage:
     for tool, package in _PKG.items():
         if shutil.which(tool) is None:
             raise GuestBuildError(f"reading cloud images needs {tool}: apt-get install {package}")
-    info = json.loads(_run(["qemu-img", "info", "--output=json", str(path)], f"read {path}"))
+    info = json.loads(run_tool(["qemu-img", "info", "--output=json", str(path)], f"read {path}"))
     fmt = info.get("format")
     if fmt not in ("qcow2", "raw"):
         raise UserError(f"cloud image {path} is {fmt}, not qcow2 or raw")
@@ -303,7 +293,7 @@ def _inspect(path: Path, digest: str, directory: Path) -> CloudImage:
     with tempfile.TemporaryDirectory(dir=directory.parent, prefix=".inspect-") as tmp:
         work = Path(tmp)
         raw = work / "disk.raw"
-        _run(["qemu-img", "convert", "-O", "raw", str(path), str(raw)], f"read {path}")
+        run_tool(["qemu-img", "convert", "-O", "raw", str(path), str(raw)], f"read {path}")
         out = work / "out"
         out.mkdir()
         root_fs = boot_fs = None
@@ -403,7 +393,7 @@ def _inspect(path: Path, digest: str, directory: Path) -> CloudImage:
 def make_overlay(base: Path, fmt: str, target: Path) -> None:
     """A qcow2 whose backing file is the base: the VM's writes land here, never in the base
     (QEMU opens a backing file read-only)."""
-    _run(
+    run_tool(
         ["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt,
          "-b", str(base.resolve()), str(target)],
         "create the overlay",

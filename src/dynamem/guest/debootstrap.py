@@ -10,12 +10,12 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from dynamem.errors import GuestBuildError
+from dynamem.guest.build import run_tool
 from dynamem.guest.cloud import dpkg_packages, sha256_of
 from dynamem.guest.recipe import CloudRecipe
 from dynamem.paths import cache_dir
@@ -66,7 +66,7 @@ def build(recipe: CloudRecipe, *, force: bool = False) -> tuple[Path, bool]:
         root = work / "root"
         debs = cache_dir() / "debootstrap"
         debs.mkdir(parents=True, exist_ok=True)
-        _check(
+        run_tool(
             ["debootstrap", f"--variant={recipe.variant}", f"--cache-dir={debs}",
              "--include=" + ",".join(recipe.packages), recipe.suite, str(root),
              os.environ.get("DYNAMEM_DEBIAN_MIRROR", MIRROR)],
@@ -90,21 +90,21 @@ def build(recipe: CloudRecipe, *, force: bool = False) -> tuple[Path, bool]:
         raw = work / "disk.raw"
         with raw.open("wb") as f:
             f.truncate(size)
-        _check(["sfdisk", "-q", str(raw)], "partition the disk",
+        run_tool(["sfdisk", "-q", str(raw)], "partition the disk",
                stdin="label: gpt\nstart=2048, type=linux, name=root\n")  # fmt: skip
-        table = json.loads(_check(["sfdisk", "--json", str(raw)], "read the partition table"))
+        table = json.loads(run_tool(["sfdisk", "--json", str(raw)], "read the partition table"))
         part = table["partitiontable"]["partitions"][0]
         start, sectors = int(part["start"]) * 512, int(part["size"])
         if start != PARTITION_START:
             raise GuestBuildError(f"the root partition starts at byte {start}, not 1 MiB")
-        _check(
+        run_tool(
             ["mke2fs", "-q", "-t", "ext4", "-L", "root", "-d", str(root),
              "-E", f"offset={start}", str(raw), f"{sectors // 2}k"],
             "make the root file system",
         )  # fmt: skip
         out = work / "out"
         out.mkdir()
-        _check(["qemu-img", "convert", "-O", "qcow2", str(raw), str(out / "disk.qcow2")],
+        run_tool(["qemu-img", "convert", "-O", "qcow2", str(raw), str(out / "disk.qcow2")],
                "convert to qcow2")  # fmt: skip
         manifest = {
             "guest": recipe.name,
@@ -125,10 +125,3 @@ def build(recipe: CloudRecipe, *, force: bool = False) -> tuple[Path, bool]:
         if old != target.parent and (old / "manifest.json").exists():
             shutil.rmtree(old, ignore_errors=True)
     return target, False
-
-
-def _check(argv: list[str], what: str, stdin: str | None = None) -> str:
-    proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise GuestBuildError(f"{what} failed: {(proc.stderr or proc.stdout).strip()[-300:]}")
-    return proc.stdout

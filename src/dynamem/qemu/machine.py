@@ -72,7 +72,6 @@ class VM:
         self._console_offset = 0  # console text before this offset belongs to earlier boots
         self._resets: Any = None  # QMP listener for resets the harness did not ask for
         self.diagnosis: str | None = None  # what was wrong with QEMU/the guest on failure
-        self.untraced: list[str] = []  # a cloud guest's functions prepare could not trace
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -255,8 +254,7 @@ class VM:
         errors = GUEST_ERROR.findall(out.stdout)
         # driver-entry tracing is a refinement (resizes fall back to the sampler's looks,
         # per run); what else prepare does (swap, the sampler) the cell needs
-        self.untraced = [e for e in errors if e.startswith("cannot trace")]
-        if fatal := [e for e in errors if e not in self.untraced]:
+        if fatal := [e for e in errors if not e.startswith("cannot trace")]:
             raise VMError(f"preparing the cloud guest failed: {'; '.join(fatal)}")
         self.timings["prepared"] = time.monotonic() - self.timings["t0"]
         if self._sampler is not None:
