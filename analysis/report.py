@@ -915,6 +915,12 @@ def _appendix(rep: Report) -> None:
 
 def build_report(store: RunStore, out: Path) -> tuple[Path, Path]:
     """Write report.md, index.html and the figures into `out`; returns (md, html)."""
+    from dynamem.cases import is_case_run
+
+    if is_case_run(store):
+        from .cases import build_case_report
+
+        return build_case_report(store, out)
     out.mkdir(parents=True, exist_ok=True)
     cells, problems = store.load_all()
     table = tidy(cells, store.run.run_id)

@@ -180,6 +180,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         spec = parse_spec(args.cluster)  # a bad spec or hosts file: one line, nothing boots
     guest = args.guest or "minimal"
+    if _is_cases(args):
+        return _run_cases(args, guest)
     if args.resume:
         if args.start:
             raise UserError("run: --start cannot change a run being resumed (it keeps its own)")
@@ -242,6 +244,70 @@ def cmd_run(args: argparse.Namespace) -> int:
         _, page = build_report(store, report_dir(store.run.run_id))
         print(f"report: {page}")
     return 0 if all(c.ok for c in cells) else 1
+
+
+def _is_cases(args: argparse.Namespace) -> bool:
+    from dynamem.cases import is_case_text
+    from dynamem.scenario import suite_path
+
+    if args.resume:
+        path = args.resume / "run.json"
+        if not path.exists():
+            return False  # RunStore.open says what is wrong
+        import json
+
+        try:
+            return is_case_text(json.loads(path.read_text())["suite"]["toml"])
+        except (ValueError, KeyError, TypeError):
+            return False
+    return bool(args.suite) and is_case_text(suite_path(args.suite).read_text())
+
+
+def _run_cases(args: argparse.Namespace, guest: str) -> int:
+    """`dynamem run` of a case-study suite (dynamem.cases): its arms, then its report."""
+    from dynamem import cases
+    from dynamem.scenario import suite_path
+    from dynamem.store import RunStore
+
+    unsupported = [
+        o
+        for o in ("cluster", "control_arm", "start", "repeats", "seed")
+        if getattr(args, o) not in (None, False)
+    ]
+    if unsupported:
+        raise UserError(
+            f"run: --{unsupported[0].replace('_', '-')} does not apply to a case-study suite"
+        )
+    if args.resume:
+        store = RunStore.open(args.resume)
+        guest = store.run.metadata.guest
+        if args.guest not in (None, guest):
+            raise UserError(f"run: {args.resume} ran on --guest {guest}, not {args.guest}")
+    else:
+        path = suite_path(args.suite)
+        suite = cases.load_case_text(path.read_text(), str(path))
+        if args.dry_run:
+            print("\n".join(cases.dry_run_lines(suite)))
+            return 0
+        store = cases.start_run(suite, accel_request=args.accel, qemu=args.qemu, guest=guest,
+                                out=args.out)  # fmt: skip
+        print(f"run {store.run.run_id}: {len(store.run.order)} case-study arms -> "
+              f"{store.directory} ({store.run.metadata.accel})", file=sys.stderr)  # fmt: skip
+    try:
+        arms = cases.run_cases(store, accel_request=args.accel, qemu=args.qemu, guest=guest,
+                               report=lambda m: print(m, file=sys.stderr))  # fmt: skip
+    except KeyboardInterrupt as exc:
+        print(f"\ndynamem: interrupted; finish with: dynamem run --resume {store.directory}",
+              file=sys.stderr)  # fmt: skip
+        return _interrupted_status(exc)
+    print(f"results: {store.directory}")
+    if not args.no_report:
+        from dynamem.analysis.report import build_report
+        from dynamem.paths import report_dir
+
+        _, page = build_report(store, report_dir(store.run.run_id))
+        print(f"report: {page}")
+    return 0 if arms and all(a.ok for a in arms) and len(arms) == len(store.run.order) else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:

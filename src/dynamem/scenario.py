@@ -385,6 +385,11 @@ def load_suite_text(text: str, source: str) -> Suite:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{source}: not valid TOML ({exc})") from exc
+    if data.get("kind") == "cases":
+        raise UserError(
+            f"{source} is a case-study suite: only `dynamem run --suite` runs it (not the "
+            "nightly, asv or --cluster)"
+        )
     unknown = set(data) - SUITE_KEYS
     if unknown:
         raise UserError(
@@ -442,14 +447,20 @@ def suites_dir() -> Path:
     return shipped()
 
 
-def load_suite(name_or_path: str) -> Suite:
-    """A built-in suite by name (suites/NAME.toml) or a TOML file."""
+def suite_path(name_or_path: str) -> Path:
+    """A built-in suite's file (suites/NAME.toml), or the TOML file given."""
     path = Path(name_or_path)
     if not path.suffix:
         path = suites_dir() / f"{name_or_path}.toml"
     if not path.exists():
         known = ", ".join(sorted(p.stem for p in suites_dir().glob("*.toml")))
         raise UserError(f"no suite {name_or_path!r} (built in: {known}; or give a .toml file)")
+    return path
+
+
+def load_suite(name_or_path: str) -> Suite:
+    """A built-in suite by name (suites/NAME.toml) or a TOML file."""
+    path = suite_path(name_or_path)
     return load_suite_text(path.read_text(), str(path))
 
 

@@ -99,10 +99,22 @@ class VM:
         """Launch and wait until the guest answers SSH and its sampler is connected (or
         raise, leaving nothing running). Default deadline: 180 s, a cloud image 420 s
         (systemd and cloud-init take about ten times the embedded guest's boot in TCG)."""
+        try:
+            self.launch()
+        except BaseException:
+            self._failed = True
+            self.diagnosis = self.failure_reason()
+            self.shutdown()
+            raise
+        return self.await_ready(ready_timeout)
+
+    def await_ready(self, ready_timeout: float | None = None) -> "VM":
+        """The second half of `start`, after `launch`: may run in another thread, so that
+        several guests boot side by side (QEMU must be launched by a thread that outlives
+        it: it dies with its parent thread, PR_SET_PDEATHSIG)."""
         if ready_timeout is None:
             ready_timeout = 180.0 if self.config.disk is None else 420.0
         try:
-            self.launch()
             deadline = self.timings["t0"] + ready_timeout
             if self.restore is not None:
                 self.wait_restored(ready_timeout)

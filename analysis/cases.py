@@ -1,0 +1,485 @@
+"""The case studies' part of the report: per-arm outcomes, figures, and the verdict.
+
+Every number is computed from the arms' records and series (dynamem.caserecord). A failed
+arm is listed with why and contributes nothing else; a phase killed by the OOM killer, a
+move that was partial or refused, and a guest left under pressure with nothing to give it
+are counted, never averaged away. Arms are compared only within one case study, whose
+guests, budget, phases and guest configuration are equal by construction.
+"""
+
+import datetime
+import html
+from dataclasses import dataclass
+from pathlib import Path
+
+import markdown
+import matplotlib.pyplot as plt
+import numpy as np
+import seaborn as sns
+
+from dynamem.caserecord import CaseArm, load_arms, load_series
+from dynamem.store import RunStore
+from dynamem.units import format_size
+
+from . import figures as F
+from .stats import group_stats
+
+CONFIDENCE = 0.95
+PAGE = 4096
+ARM_ORDER = ["static", "balloon", "dimm", "virtio-mem"]
+
+
+def _mib(x: float) -> str:
+    return f"{x / 2**20:,.0f} MiB"
+
+
+def median_text(values: np.ndarray, unit: str = "s", scale: float = 1.0) -> str:
+    """'median [low, high] level (n=k)' with the exact order-statistic interval."""
+    values = np.asarray(values, dtype=np.float64) * scale
+    if len(values) == 0:
+        return "-"
+    g = group_stats(values, np.zeros(len(values), dtype=np.int64), 1, confidence=CONFIDENCE)
+    med = f"{float(g.median[0]):.2f} {unit}".strip()
+    if len(values) < 2:
+        return f"{med} (n=1, no interval)"
+    lo, hi, level = float(g.ci_low[0]), float(g.ci_high[0]), float(g.ci_level[0])
+    return f"{med} [{lo:.2f}, {hi:.2f}] {level:.0%} (n={len(values)})"
+
+
+# -- per arm ---------------------------------------------------------------------------------
+
+
+def reaction_times(arm: CaseArm, series: dict[str, np.ndarray]) -> tuple[np.ndarray, int]:
+    """(seconds from the look that first saw a guest under pressure to the guest seeing
+    memory arrive, for every episode served; episodes that ended without memory arriving).
+
+    An episode is a run of looks under pressure. Memory arrives with the first grow of
+    that guest, decided in one of the episode's rounds, that moved something; its time is
+    the guest-visible completion of that grow."""
+    served, unserved = [], 0
+    for g in arm.guests:
+        p = series.get(f"{g.name}_pressured")
+        t = series.get(f"{g.name}_t_ns")
+        if p is None or t is None or len(p) == 0:
+            continue
+        p = p.astype(bool)
+        edges = np.flatnonzero(p & ~np.concatenate(([False], p[:-1])))
+        falls = np.flatnonzero(~p)
+        grows = [d for d in arm.decisions if d.guest == g.name and d.kind == "grow" and d.done > 0]
+        for e in edges:
+            later = falls[falls > e]
+            end = int(later[0]) if len(later) else len(p)
+            hits = [d for d in grows if e <= d.round < end and d.t_visible_ns is not None]
+            if hits:
+                visible = min(d.t_visible_ns for d in hits if d.t_visible_ns is not None)
+                served.append((visible - int(t[e])) / 1e9)
+            else:
+                unserved += 1
+    return np.array(served, dtype=np.float64), unserved
+
+
+def budget_check(arm: CaseArm, series: dict[str, np.ndarray]) -> dict[str, float]:
+    """Peak of all guests' resident RAM against the budget, and the longest stretch above
+    budget x rss_limit (from the first sample above to the first one back under)."""
+    t = series.get("host_t_ns", np.zeros(0, dtype=np.int64))
+    ram = series.get("host_ram_kb", np.zeros((0, 1), dtype=np.int64))
+    vm = series.get("host_vmrss_kb", np.zeros((0, 1), dtype=np.int64))
+    if len(t) == 0:
+        return {"samples": 0}
+    total = ram.sum(axis=1) * 1024
+    above = total > arm.budget * arm.rss_limit
+    longest = 0.0
+    if above.any():
+        padded = np.concatenate(([False], above, [False])).astype(np.int8)
+        starts = np.flatnonzero(np.diff(padded) == 1)
+        stops = np.flatnonzero(np.diff(padded) == -1)  # index of the first sample back under
+        ends_t = np.where(stops < len(t), t[np.minimum(stops, len(t) - 1)], t[-1])
+        longest = float(np.max(ends_t - t[starts]) / 1e9)
+    return {
+        "samples": float(len(t)),
+        "period_s": float(np.median(np.diff(t)) / 1e9) if len(t) > 1 else 0.0,
+        "peak": float(total.max()),
+        "peak_vmrss": float(vm.sum(axis=1).max() * 1024),
+        "longest_above_s": longest,
+    }
+
+
+@dataclass
+class ArmSummary:
+    arm: CaseArm
+    phases_done: int
+    phases: int
+    pages: int
+    oom_kills: int
+    psi_s: float | None
+    swap_bytes: int
+    moved: int
+    moves: dict[str, int]
+    starved: int
+    reaction: np.ndarray
+    unserved: int
+    budget: dict[str, float]
+
+
+def summarize(arm: CaseArm, series: dict[str, np.ndarray]) -> ArmSummary:
+    busy = [p for g in arm.guests for p in g.phases if p.size]
+    outcomes: dict[str, int] = {}
+    for d in arm.decisions:
+        if d.kind != "none":
+            outcomes[d.outcome] = outcomes.get(d.outcome, 0) + 1
+    psi = [g.psi_some_s for g in arm.guests]
+    reaction, unserved = reaction_times(arm, series)
+    return ArmSummary(
+        arm=arm,
+        phases_done=sum(p.outcome == "completed" for p in busy),
+        phases=len(busy),
+        pages=sum(p.pages for p in busy),
+        oom_kills=sum(g.oom_kills for g in arm.guests),
+        psi_s=None if any(x is None for x in psi) else float(sum(x or 0 for x in psi)),
+        swap_bytes=sum(g.swap_in_pages + g.swap_out_pages for g in arm.guests) * PAGE,
+        moved=sum(abs(d.done) for d in arm.decisions),
+        moves=outcomes,
+        starved=sum(d.kind == "none" for d in arm.decisions),
+        reaction=reaction,
+        unserved=unserved,
+        budget=budget_check(arm, series),
+    )
+
+
+def work_vs_static(arm: CaseArm, static: CaseArm | None) -> np.ndarray:
+    """Per busy phase: pages touched with this arm over pages in the same phase of the
+    static baseline (1 = the same work; phases the baseline did no work in are left out)."""
+    if static is None:
+        return np.zeros(0)
+    mine = np.array([p.pages for g in arm.guests for p in g.phases if p.size], dtype=np.float64)
+    base = np.array([p.pages for g in static.guests for p in g.phases if p.size], dtype=np.float64)
+    if len(mine) != len(base):
+        return np.zeros(0)
+    keep = base > 0
+    return mine[keep] / base[keep]
+
+
+# -- figures ---------------------------------------------------------------------------------
+
+
+def case_figure(
+    case: str, arms: list[CaseArm], series: dict[str, dict[str, np.ndarray]], path: Path
+) -> Path | None:
+    """Per arm (rows): each guest's size with the controller's moves and its working set;
+    each guest's memory pressure (PSI some avg10); all guests' resident RAM on the host."""
+    arms = [a for a in arms if series.get(a.arm)]
+    if not arms:
+        return None
+    F._style()
+    fig, axes = plt.subplots(
+        len(arms), 3, figsize=(16, 2.9 * len(arms) + 0.8), sharex=True, squeeze=False
+    )
+    colours = dict(zip([g.name for g in arms[0].guests], sns.color_palette("tab10"), strict=False))
+    for row, arm in zip(axes, arms, strict=True):
+        s = series[arm.arm]
+        t0 = arm.t0_ns
+        mem, psi, host = row
+        for g in arm.guests:
+            c = colours.get(g.name, "grey")
+            t = (s.get(f"{g.name}_t_ns", np.zeros(0)) - t0) / 1e9
+            mem.step(
+                t,
+                s.get(f"{g.name}_size", np.zeros(0)) / 2**20,
+                where="post",
+                color=c,
+                label=f"{g.name} size",
+            )
+            edges = np.cumsum([0.0] + [p.seconds for p in g.phases])
+            ws = [p.size / 2**20 for p in g.phases]
+            offset = (g.workload_start_ns - t0) / 1e9
+            mem.step(
+                edges + offset,
+                ws + ws[-1:],
+                where="post",
+                color=c,
+                linestyle=":",
+                label=f"{g.name} working set",
+            )
+            psi.plot(t, s.get(f"{g.name}_psi_avg10", np.zeros(0)), color=c, label=g.name)
+            for d in arm.decisions:
+                if d.guest != g.name or d.kind == "none" or d.t_request_ns is None:
+                    continue
+                ok = d.outcome == "ok"
+                mem.scatter(
+                    [(d.t_request_ns - t0) / 1e9],
+                    [0],
+                    marker="^" if d.kind == "grow" else "v",
+                    color=c if ok else "red",
+                    s=28,
+                    zorder=3,
+                    edgecolors="black" if not ok else "none",
+                )
+        ht = (s.get("host_t_ns", np.zeros(0)) - t0) / 1e9
+        if len(ht):
+            host.plot(ht, s["host_ram_kb"].sum(axis=1) / 1024, color="black", label="guest RAM RSS")
+            host.plot(
+                ht,
+                s["host_vmrss_kb"].sum(axis=1) / 1024,
+                color="grey",
+                linestyle="--",
+                label="QEMU VmRSS (with TCG's own)",
+            )
+        host.axhline(arm.budget / 2**20, color="red", linewidth=1, label="budget")
+        host.axhline(
+            arm.budget * arm.rss_limit / 2**20,
+            color="red",
+            linestyle=":",
+            linewidth=1,
+            label=f"budget +{arm.rss_limit - 1:.0%}",
+        )
+        status = "" if arm.ok else f" — FAILED: {arm.failed_at}"
+        mem.set_title(
+            f"{arm.mechanism}{status}: guest size (MiB); ▲ grow ▼ shrink, red = not ok", fontsize=9
+        )
+        mem.set_ylabel("MiB")
+        psi.set_title(f"{arm.mechanism}: memory pressure, PSI some avg10 (%)", fontsize=9)
+        host.set_title(f"{arm.mechanism}: host, all guests (MiB)", fontsize=9)
+    for ax in axes[-1]:
+        ax.set_xlabel("seconds from the workloads' start")
+    axes[0][0].legend(fontsize=7, ncol=2, loc="upper right")
+    axes[0][1].legend(fontsize=7, loc="upper right")
+    axes[0][2].legend(fontsize=7, loc="lower right")
+    fig.suptitle(
+        f"{arms[0].title} ({len(arms[0].guests)} guests, budget "
+        f"{format_size(arms[0].budget)}, control every {arms[0].interval_s:g} s)"
+    )
+    return F._save(fig, path)
+
+
+# -- the report section ----------------------------------------------------------------------
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    from .report import md_table
+
+    return md_table(header, rows)
+
+
+def _arm_row(s: ArmSummary, static: CaseArm | None) -> list[str]:
+    a = s.arm
+    if not a.ok:
+        return [a.mechanism, f"**failed** at {a.failed_at}: {a.error[:160]}"] + ["-"] * 8
+    ratio = work_vs_static(a, static)
+    work = f"{s.pages / 1e6:,.1f} M pages"
+    if a.mechanism != "static" and len(ratio):
+        work += "; x static per phase: " + median_text(ratio, "x")
+    moves = ", ".join(f"{v} {k}" for k, v in sorted(s.moves.items())) or "none"
+    b = s.budget
+    if b.get("samples"):
+        host = (
+            f"peak {_mib(b['peak'])} ({b['peak'] / a.budget:.0%} of budget); above +5% for "
+            f"{b['longest_above_s']:.1f} s at most "
+            f"({'within' if b['longest_above_s'] <= a.interval_s else 'LONGER than'} one "
+            f"{a.interval_s:g} s interval); VmRSS peak {_mib(b['peak_vmrss'])}"
+        )
+    else:
+        host = "not sampled"
+    react = median_text(s.reaction) if len(s.reaction) else "-"
+    if s.unserved:
+        react += f"; {s.unserved} episode(s) without memory arriving"
+    return [
+        a.mechanism,
+        f"{s.phases_done}/{s.phases}",
+        str(s.oom_kills),
+        work,
+        "-" if s.psi_s is None else f"{s.psi_s:.1f} s",
+        _mib(s.swap_bytes),
+        f"{_mib(s.moved)} in {moves}"
+        + (f"; {s.starved} rounds with a starved guest" if s.starved else ""),
+        react if a.mechanism != "static" else "(no controller)",
+        host,
+        f"{a.wall_s:.0f} s",
+    ]
+
+
+HEADER = [
+    "arm",
+    "phases completed",
+    "OOM kills",
+    "work done",
+    "time under pressure (PSI some, all guests)",
+    "swap traffic",
+    "memory moved (moves by outcome)",
+    "reaction: pressure seen -> memory in guest",
+    "host: guest RAM resident",
+    "arm wall time",
+]
+
+
+def verdict(summaries: dict[str, list[ArmSummary]]) -> str:
+    """Whether this run agrees with "no absolute winner": which mechanism leads on each
+    measure in each case study (ok arms only)."""
+    leads: list[tuple[str, str, str]] = []  # (case, measure, mechanism)
+    for case, rows in summaries.items():
+        mechs = [s for s in rows if s.arm.ok and s.arm.mechanism != "static"]
+        if len(mechs) < 2:
+            continue
+        measures = {
+            "work done": (max, lambda s: s.pages),
+            "least time under pressure": (
+                min,
+                lambda s: s.psi_s if s.psi_s is not None else np.inf,
+            ),
+            "least swap traffic": (min, lambda s: s.swap_bytes),
+            "fastest reaction (median)": (
+                min,
+                lambda s: float(np.median(s.reaction)) if len(s.reaction) else np.inf,
+            ),
+        }
+        for name, (pick, key) in measures.items():
+            best = pick(mechs, key=key)
+            leads.append((case, name, best.arm.mechanism))
+    if not leads:
+        return (
+            "This run cannot say whether there is an absolute winner: fewer than two "
+            "mechanism arms completed in every case study."
+        )
+    winners = sorted({m for _, _, m in leads})
+    detail = "; ".join(f"{case}: {name} {m}" for case, name, m in leads)
+    if len(winners) == 1:
+        return (
+            f'This run does **not** agree with "no absolute winner": {winners[0]} leads on '
+            f"every measure in every case study ({detail})."
+        )
+    return (
+        f'This run agrees with "no absolute winner": the lead changes with the measure and '
+        f"the case study ({detail})."
+    )
+
+
+def case_section(store: RunStore, out: Path) -> list[str]:
+    arms, problems = load_arms(store.directory)
+    by_case: dict[str, list[CaseArm]] = {}
+    for a in arms:
+        by_case.setdefault(a.case, []).append(a)
+    lines = ["## Case studies", ""]
+    lines += [
+        "Each case study runs once per arm on fresh guests: `static` (each guest keeps its "
+        "starting size: the baseline) and each mechanism moved by the controller. Work done is "
+        "the pages dynamem-impact touched in the busy phases (timed, so more memory means more "
+        "work, not a shorter run); 'x static per phase' is each busy phase's work over the same "
+        "phase's in the static arm, with the exact order-statistic interval of its median over "
+        "the phases and its real level. Reaction times run from the controller's look that first "
+        "saw a guest under pressure (the crossing happened at most one interval earlier) to "
+        "the guest seeing the grow complete, one value per pressure episode; episodes that "
+        "ended with no memory arriving are counted beside them. The host check reads every "
+        "QEMU's resident guest RAM from /proc/PID/smaps (its large private anonymous "
+        "mappings) every 0.5 s; QEMU's own memory (TCG's code cache, devices) is shown apart "
+        "as VmRSS and is not part of the budget.",
+        "",
+    ]
+    missing = [a for a in store.run.order if a not in {x.arm for x in arms}]
+    if missing or problems:
+        lines += ["Arms without a record (counted as failed):", ""]
+        lines += [f"- `{m}`: never finished" for m in missing]
+        lines += [f"- problem: {p}" for p in problems]
+        lines.append("")
+    summaries: dict[str, list[ArmSummary]] = {}
+    for case, case_arms in by_case.items():
+        case_arms.sort(
+            key=lambda a: (
+                ARM_ORDER.index(a.mechanism) if a.mechanism in ARM_ORDER else 9,
+                a.repeat,
+            )
+        )
+        series = {a.arm: load_series(store.directory, a.arm) for a in case_arms}
+        static = next((a for a in case_arms if a.mechanism == "static" and a.ok), None)
+        rows = [summarize(a, series[a.arm]) for a in case_arms]
+        summaries[case] = rows
+        first = case_arms[0]
+        pol = first.policy
+        lines += [f"### {first.title}", ""]
+        guests = "; ".join(
+            f"{g.name}: "
+            + ", ".join(
+                (format_size(p.size) if p.size else "idle") + f" {p.seconds:g}s" for p in g.phases
+            )
+            for g in first.guests
+        )
+        lines += [
+            f"{len(first.guests)} guests ({first.cpus} vCPU each, -cpu {first.cpu_model}, "
+            f"{first.accel}, swap {first.swap} {format_size(first.swap_size)}, kernel "
+            f"{' '.join(first.kernel_args) or '-'}), budget {format_size(first.budget)}, each "
+            f"between {format_size(first.guests[0].floor)} and "
+            f"{format_size(first.guests[0].ceiling)}, starting at "
+            f"{format_size(first.guests[0].start)}; control every {first.interval_s:g} s, "
+            f"policy {pol.get('name')} (target {format_size(pol.get('target', 0))}, "
+            f"low {format_size(pol.get('low', 0))}, PSI {pol.get('psi_avg10')}%), "
+            f"a move may take {first.move_deadline_s:g} s. Phases: {guests}.",
+            "",
+        ]
+        name = f"case-{case}.png"
+        fig = case_figure(case, case_arms, series, out / name)
+        if fig is not None:
+            lines += [
+                f"![{first.title}: memory per guest, pressure and host RSS per arm]({name})",
+                "",
+            ]
+        lines += _table(HEADER, [_arm_row(s, static) for s in rows])
+        lines += _decision_summary(case_arms)
+    lines += ["### Is there an absolute winner?", "", verdict(summaries), ""]
+    return lines
+
+
+def _decision_summary(arms: list[CaseArm]) -> list[str]:
+    """The moves that did not go as asked, each with its reason (all decisions are in the
+    arm's record)."""
+    odd = [(a, d) for a in arms for d in a.decisions if d.kind != "none" and d.outcome != "ok"]
+    if not odd:
+        return ["Every move the controller made completed (`ok`).", ""]
+    out = ["Moves that did not complete as asked:", ""]
+    for a, d in odd[:20]:
+        out.append(
+            f"- {a.mechanism}, round {d.round}, {d.guest} {d.kind} "
+            f"{format_size(d.requested)}: **{d.outcome}**, moved {format_size(abs(d.done))}"
+            f"{' (' + d.message + ')' if d.message else ''}"
+        )
+    if len(odd) > 20:
+        out.append(f"- ... and {len(odd) - 20} more (in the arms' records)")
+    return [*out, ""]
+
+
+def build_case_report(store: RunStore, out: Path) -> tuple[Path, Path]:
+    from .report import CSS
+
+    out.mkdir(parents=True, exist_ok=True)
+    run, meta = store.run, store.run.metadata
+    lines = [
+        f"# dynamem report: {run.run_id}",
+        "",
+        f"Generated {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC from "
+        f"`{store.directory}`.",
+        "",
+        "## Setup",
+        "",
+        *_table(
+            ["setting", "value"],
+            [
+                ["run", f"`{run.run_id}` (case suite `{run.suite.name}`, {len(run.order)} arms)"],
+                ["accelerator", f"**{meta.accel}** ({meta.accel_reason})"],
+                ["host", f"{meta.host_cpu}, {meta.host_cpus} CPUs, kernel {meta.host_kernel}"],
+                ["QEMU", meta.qemu_version],
+                ["guest", f"{meta.guest}, kernel {meta.guest_kernel}"],
+                ["dynamem", f"{meta.dynamem_version} at `{meta.git_commit[:12]}`"],
+            ],
+        ),
+    ]
+    lines += case_section(store, out)
+    md_path = out / "report.md"
+    md_path.write_text("\n".join(lines) + "\n")
+    body = markdown.markdown(md_path.read_text(), extensions=["tables"])
+    html_path = out / "index.html"
+    html_path.write_text(
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(run.run_id)}</title><style>{CSS}</style></head>"
+        f"<body>{body}</body></html>\n"
+    )
+    return md_path, html_path
+
+
+__all__ = ["build_case_report", "case_section", "reaction_times", "budget_check", "verdict"]
