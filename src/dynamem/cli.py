@@ -334,6 +334,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from dynamem.store import RunStore
 
     a, b = RunStore.open(args.run_a), RunStore.open(args.run_b)
+    from dynamem.cases import is_case_run
+
+    for store in (a, b):
+        if is_case_run(store):
+            raise UserError(
+                f"compare: {store.directory} is a case-study run; its report compares its arms "
+                "(dynamem report)"
+            )
     tables = []
     for store in (a, b):
         cells, problems = store.load_all()  # unfinished or unreadable cells count as failed
