@@ -62,9 +62,8 @@ CASE_KEYS = {
     "quantum": "smallest move (moves are multiples of it and of the mechanism's unit)",
     "guests": 'one phase list per guest, e.g. ["700M 40s", "idle 80s"]',
 }
-_PHASE = re.compile(
-    r"^\s*(?:(?P<idle>idle)|(?P<size>\d+(?:\.\d+)?[KMGkmg]?i?B?))\s+"
-    r"(?P<seconds>\d+(?:\.\d+)?)\s*s\s*$"
+_PHASE = re.compile(  # whole seconds, as `timeout` and `sleep` get them in the phase script
+    r"^\s*(?:(?P<idle>idle)|(?P<size>\d+(?:\.\d+)?[KMGkmg]?i?B?))\s+(?P<seconds>\d+)\s*s\s*$"
 )
 DEFAULTS: dict[str, Any] = {
     "arms": list(ARMS),
@@ -155,7 +154,8 @@ def is_case_text(text: str) -> bool:
 def _phase(text: object, where: str) -> tuple[int, float]:
     if not isinstance(text, str) or not (m := _PHASE.match(text)):
         raise UserError(
-            f"{where}: bad phase {text!r} (use 'SIZE Ns' or 'idle Ns', e.g. '700M 40s')"
+            f"{where}: bad phase {text!r} (use 'SIZE Ns' or 'idle Ns' in whole seconds, "
+            "e.g. '700M 40s')"
         )
     size = 0 if m.group("idle") else parse_size(m.group("size"), what=f"{where} phase size")
     seconds = float(m.group("seconds"))
@@ -733,7 +733,9 @@ def _boot_all(guests: list[_Guest]) -> None:
             errors.append(exc)
         g.record.boot_s = time.monotonic() - g.vm.timings["t0"]
 
-    threads = [threading.Thread(target=boot, args=(g,)) for g in guests]
+    # daemon: a Ctrl-C here stops the QEMUs (the caller's ExitStack) and must not wait
+    # for these threads' boot deadlines before the process can exit
+    threads = [threading.Thread(target=boot, args=(g,), daemon=True) for g in guests]
     for t in threads:
         t.start()
     for t in threads:
