@@ -8,7 +8,9 @@ guests and can be swapped for another one without touching the runner.
 The default policy, `TargetAvailable`, is the simple one the study's U-tube runtime stands
 for: keep each guest's MemAvailable near a target; a guest under pressure (MemAvailable
 below the low mark, memory PSI, or swap-ins in the last interval) gets memory, first from
-the budget's free room, then from guests with slack above the target; every move is a
+the budget's free room, then from guests with slack above the target (swap-out and
+major-fault rates count as pressure too: reclaim and thrashing show there before PSI's
+10-second average rises); every move is a
 multiple of the mechanism's unit, no guest goes below its floor or above its ceiling, and
 the guests' sizes never add up to more than the budget (a grow only spends what is free
 after the shrinks really completed, which the runner enforces).
@@ -100,12 +102,16 @@ class GuestView:
     def available(self) -> int:
         return self.now.mem_available_kb * 1024
 
-    @property
-    def swap_in_rate(self) -> float:
-        """Pages swapped in per second since the previous look."""
+    def rate(self, counter: str) -> float:
+        """A counter's increase per second since the previous look (0 on the first)."""
         if self.before is None or self.now.t_ns <= self.before.t_ns:
             return 0.0
-        return (self.now.pswpin - self.before.pswpin) / ((self.now.t_ns - self.before.t_ns) / 1e9)
+        change = getattr(self.now, counter) - getattr(self.before, counter)
+        return float(change / ((self.now.t_ns - self.before.t_ns) / 1e9))
+
+    @property
+    def swap_in_rate(self) -> float:
+        return self.rate("pswpin")
 
 
 @dataclass(frozen=True)
@@ -155,6 +161,8 @@ class TargetAvailable:
     low: int = 128 * MiB
     psi_avg10: float = 10.0  # % of the last 10 s with some task stalled on memory
     swap_in_rate: float = 64.0  # pages/s
+    swap_out_rate: float = 256.0  # pages/s (1 MiB/s): reclaim pushing anonymous memory out
+    major_fault_rate: float = 64.0  # per second: pages read back from disk on access
     cooldown: int = 3
     name: str = field(default="target-available", init=False)
 
@@ -166,6 +174,10 @@ class TargetAvailable:
             reasons.append(f"PSI some avg10 {g.now.psi_some_avg10:.1f}%")
         if g.swap_in_rate >= self.swap_in_rate:
             reasons.append(f"swap-in {g.swap_in_rate:.0f} pages/s")
+        if (out := g.rate("pswpout")) >= self.swap_out_rate:
+            reasons.append(f"swap-out {out:.0f} pages/s")
+        if (faults := g.rate("pgmajfault")) >= self.major_fault_rate:
+            reasons.append(f"major faults {faults:.0f}/s")
         return ", ".join(reasons)
 
     def _want(self, g: GuestView, unit: int) -> int:
@@ -225,6 +237,8 @@ class TargetAvailable:
             "low": self.low,
             "psi_avg10": self.psi_avg10,
             "swap_in_rate": self.swap_in_rate,
+            "swap_out_rate": self.swap_out_rate,
+            "major_fault_rate": self.major_fault_rate,
             "cooldown": self.cooldown,
         }
 

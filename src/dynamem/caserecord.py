@@ -32,7 +32,10 @@ class Phase(_Record):
     exit_code: int | None = None  # of `timeout SECONDS dynamem-impact` (None: idle/unknown)
     pages: int = 0  # pages the probe touched after its working set was resident
     ready: bool = False  # the working set became resident
-    outcome: str = "idle"  # idle, completed, killed (SIGKILL: the OOM killer), failed
+    # idle, completed, killed (SIGKILL: the OOM killer), failed, or unknown (never read:
+    # the arm failed before its phases were collected)
+    outcome: str = "unknown"
+    started_s: float | None = None  # when it really started (host clock, from the script's)
 
     @property
     def throughput_pps(self) -> float | None:
@@ -51,10 +54,11 @@ class CaseGuest(_Record):
     boot_s: float = 0.0
     workload_start_ns: int = 0  # host monotonic, when its phase script started
     guest_offset_ns: int = 0  # host clock = guest clock + this (from the sampler)
-    oom_kills: int = 0
-    swap_in_pages: int = 0
-    swap_out_pages: int = 0
-    major_faults: int = 0
+    # None: not measured (the arm failed before the guest's last look)
+    oom_kills: int | None = None
+    swap_in_pages: int | None = None
+    swap_out_pages: int | None = None
+    major_faults: int | None = None
     psi_some_s: float | None = None  # time with some task stalled on memory (None: no PSI)
     end_size: int = 0
 

@@ -45,7 +45,7 @@ CASE_KEYS = {
     "arms": "static and mechanisms to run (default: all four)",
     "budget": "host memory for all guests' RAM",
     "floor": "no guest goes below this",
-    "start": "each guest's size when the workloads start (static: its size)",
+    "start": "each guest's size when the workloads start (static: budget / guests)",
     "ceiling": "no guest goes above this",
     "interval": "control interval, seconds",
     "tail": "seconds after the last phase before the workloads stop",
@@ -105,6 +105,12 @@ class Case:
     move_deadline: float
     quantum: int
     guests: tuple[tuple[tuple[int, float], ...], ...]  # per guest: (size, seconds) phases
+
+    @property
+    def static_size(self) -> int:
+        """The baseline's fixed size per guest: the budget shared out evenly (in whole
+        quanta), so static memory uses the same budget the controller may hand out."""
+        return self.budget // len(self.guests) // self.quantum * self.quantum
 
     @property
     def duration(self) -> float:
@@ -211,6 +217,13 @@ def build_case(data: dict[str, Any], where: str) -> Case:
     }
     if not sizes["floor"] <= sizes["start"] <= sizes["ceiling"]:
         raise UserError(f"{where}: needs floor <= start <= ceiling")
+    if sizes["floor"] < MIN_RAM_MAPPING:
+        raise UserError(
+            f"{where}: floor must be at least {format_size(MIN_RAM_MAPPING)} (the host check "
+            "finds guest RAM by QEMU's mappings of that size or more)"
+        )
+    if sizes["low"] >= sizes["target"]:
+        raise UserError(f"{where}: low must be below target (else every guest is under pressure)")
     guests = data["guests"]
     if not isinstance(guests, list) or len(guests) < 2:
         raise UserError(f"{where}: guests must list at least two guests' phase lists")
@@ -232,6 +245,8 @@ def build_case(data: dict[str, Any], where: str) -> Case:
         )
     if len(guests) * sizes["floor"] > sizes["budget"]:
         raise UserError(f"{where}: the guests' floors alone exceed the budget")
+    if sizes["budget"] // len(guests) // sizes["quantum"] * sizes["quantum"] > sizes["ceiling"]:
+        raise UserError(f"{where}: the static arm's share of the budget exceeds the ceiling")
     if data["swap"] not in ("disk", "zram", "none"):
         raise UserError(f"{where}: swap must be disk, zram or none")
     kargs = data["kernel_args"]
@@ -294,8 +309,11 @@ def load_case_text(text: str, source: str) -> CaseSuite:
     if not isinstance(defaults, dict) or not isinstance(entries, list) or not entries:
         raise UserError(f"{source}: needs [defaults] as a table and at least one [[case]]")
     repeats, seed = data.get("repeats", 1), data.get("seed", 1)
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise UserError(f"{source}: repeats must be a positive integer")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats != 1:
+        raise UserError(
+            f"{source}: repeats must be 1 (each arm runs once; the report does not pool "
+            "repeats of a case study)"
+        )
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise UserError(f"{source}: seed must be an integer")
     cases, names = [], set()
@@ -407,19 +425,29 @@ class RssWatch:
 PHASE_DIR = "/tmp/dynamem-case"
 
 
+# the guest's uptime in centiseconds (its fraction has two digits; "1xx - 100" keeps a
+# leading zero from reading as octal)
+_UPTIME_CS = "$(read u _ </proc/uptime; echo $((${u%.*} * 100 + 1${u#*.} - 100)))"
+
+
 def phase_script(phases: tuple[tuple[int, float], ...]) -> str:
-    """The guest's phase script: each phase a probe under `timeout` (or a sleep), its exit
-    status and progress log kept per phase."""
-    parts = [f"mkdir -p {PHASE_DIR}"]
+    """The guest's phase script: each busy phase a probe under `timeout`, started at its
+    planned offset from the script's start (so a phase that ends early, e.g. OOM-killed,
+    does not pull the later ones forward), its start, exit status and progress log kept."""
+    status = f"{PHASE_DIR}/status"
+    parts = [f"mkdir -p {PHASE_DIR}", f"t0={_UPTIME_CS}"]
+    offset = 0
     for k, (size, seconds) in enumerate(phases):
         if size:
-            parts.append(
+            parts += [
+                f"w=$((t0 + {offset * 100} - {_UPTIME_CS}))",
+                '[ "$w" -gt 0 ] && sleep "$((w / 100)).$((w % 100 / 10))$((w % 10))"',
+                f"echo start {k} {_UPTIME_CS} >>{status}",
                 f"timeout {seconds:g} dynamem-impact {size} {PHASE_DIR}/p{k}.log "
-                f">{PHASE_DIR}/p{k}.out 2>&1; echo {k} $? >>{PHASE_DIR}/status"
-            )
-        else:
-            parts.append(f"sleep {seconds:g}")
-    parts.append(f"echo done >>{PHASE_DIR}/status")
+                f">{PHASE_DIR}/p{k}.out 2>&1; echo {k} $? >>{status}",
+            ]
+        offset += int(seconds)
+    parts.append(f"echo done >>{status}")
     return "; ".join(parts)
 
 
@@ -448,12 +476,21 @@ class _Guest:
     received_at: int = -(10**9)
     gave_at: int = -(10**9)
     script_pid: int = 0
+    # the target of this guest's last grow if it did not finish: its request stands in
+    # QEMU (virtio-mem's requested-size, the balloon's target), so the guest may still get
+    # there; the budget counts it until the next request on this guest replaces it
+    pending: int | None = None
 
     def size(self) -> int:
         if self.mech is None:
             return self.record.start
         # host_bytes_at maps a guest size to what QEMU reports: invert it at 0
         return self.mech.host_bytes(self.vm) - self.mech.host_bytes_at(0)
+
+    def committed(self) -> int:
+        """What the budget must count for this guest: its size, or an unfinished grow's
+        target if that is larger."""
+        return max(self.size(), self.pending or 0)
 
 
 def _look(g: _Guest) -> Pressure:
@@ -496,10 +533,9 @@ def control_round(
     """Look at every guest, decide, make the moves (shrinks, then grows within the budget)."""
     views = []
     for g in guests:
-        look = _look(g)
+        look, size = _look(g), g.committed()
         before = g.looks[-1] if g.looks else None
-        g.looks.append(look)
-        size = g.size()
+        g.looks.append(look)  # with its size, only once both were read
         g.sizes.append(size)
         view = GuestView(
             g.name, size, g.record.floor, g.record.ceiling, look, before, g.received_at, g.gave_at
@@ -526,7 +562,7 @@ def control_round(
         if move.kind == "none":
             continue
         if move.kind == "grow":
-            free = case.budget - sum(x.size() for x in guests)
+            free = case.budget - sum(x.committed() for x in guests)
             size = min(move.size, free // unit * unit)
             if size <= 0:
                 d.message = (
@@ -537,7 +573,13 @@ def control_round(
             if size < move.size:
                 d.message = f"cut to {format_size(size)}: a shrink fell short"
                 move = Move(move.guest, "grow", size, move.reason)
+        start = g.size()
         _execute(g, move, d, case)
+        g.pending = start + move.delta if move.kind == "grow" and d.outcome != "ok" else None
+        if g.pending is not None:
+            d.message = (d.message + "; " if d.message else "") + (
+                f"its request stands: {format_size(g.pending)} counted against the budget"
+            )
         if d.done:
             if move.kind == "grow":
                 g.received_at = round_
@@ -548,11 +590,13 @@ def control_round(
 def _collect_phases(g: _Guest, phases: tuple[tuple[int, float], ...]) -> dict[str, np.ndarray]:
     """Each phase's outcome into the record; its probe log into the series."""
     status = g.vm.run(["cat", f"{PHASE_DIR}/status"], timeout=30, check=False).stdout
-    codes = {}
+    codes, starts = {}, {}
     for line in status.splitlines():
         words = line.split()
         if len(words) == 2 and words[0].isdigit() and words[1].lstrip("-").isdigit():
             codes[int(words[0])] = int(words[1])
+        elif len(words) == 3 and words[0] == "start" and words[1].isdigit() and words[2].isdigit():
+            starts[int(words[1])] = int(words[2]) * 10_000_000  # guest ns (uptime)
     series: dict[str, np.ndarray] = {}
     for k, p in enumerate(g.record.phases):
         if not p.size:
@@ -566,6 +610,9 @@ def _collect_phases(g: _Guest, phases: tuple[tuple[int, float], ...]) -> dict[st
         p.pages = int(data[-1, 1]) if len(data) else 0
         p.exit_code = codes.get(k)
         p.outcome = phase_outcome(p.size, p.exit_code, p.ready)
+        if k in starts:  # on the host's clock, from this guest's workload start
+            host_ns = starts[k] + g.record.guest_offset_ns
+            p.started_s = (host_ns - g.record.workload_start_ns) / 1e9
     return series
 
 
@@ -632,19 +679,20 @@ def run_arm(
                 )
                 mech = mplan = None
                 if arm == STATIC:
-                    plan = plan_vm(memory=case.start, **options)  # type: ignore[arg-type]
+                    plan = plan_vm(memory=case.static_size, **options)  # type: ignore[arg-type]
                 else:
                     mech, mplan = plan_memory(case, arm)
                     plan = plan_for(mech, mplan, **options)
                     record.mechanism_config = _mechanism_config(mech, mplan)
                 at, cg_phases = 0.0, []
                 for size, seconds in phases:
-                    cg_phases.append(Phase(size=size, seconds=seconds, start_s=at))
+                    outcome = "unknown" if size else "idle"
+                    cg_phases.append(Phase(size=size, seconds=seconds, start_s=at, outcome=outcome))
                     at += seconds
                 cg = CaseGuest(
                     name=name,
                     floor=case.floor,
-                    start=case.start,
+                    start=case.static_size if arm == STATIC else case.start,
                     ceiling=case.ceiling,
                     boot_memory=plan.config.memory,
                     phases=cg_phases,
@@ -665,32 +713,25 @@ def run_arm(
             report(f"  {arm_id}: {len(guests)} guests ready, workloads for {case.duration:g} s")
             phase = "workloads"
             base = [_look(g) for g in guests]
-            with RssWatch([g.vm.pid for g in guests]) as watch:
-                for g, phases in zip(guests, case.guests, strict=True):
-                    script = shlex.quote(phase_script(phases))
-                    line = f"sh -c {script} </dev/null >/dev/null 2>&1 & echo $!"
-                    g.script_pid = int(g.vm.run(["sh", "-c", line], timeout=30).stdout.split()[-1])
-                    g.record.workload_start_ns = time.monotonic_ns()
-                record.t0_ns = guests[0].record.workload_start_ns
-                end = time.monotonic() + case.duration
-                round_ = 0
-                while time.monotonic() < end:
-                    phase = f"control round {round_}"
-                    tick = time.monotonic()
-                    control_round(guests, policy, case, round_, record.decisions)
-                    for g in guests:
-                        g.vm.check_health()
-                    round_ += 1
-                    time.sleep(max(0.0, tick + case.interval - time.monotonic()))
-            record.duration_s = (time.monotonic_ns() - record.t0_ns) / 1e9
-            series.update(watch.arrays())
-            phase = "workload stop"
-            for g, phases in zip(guests, case.guests, strict=True):
-                stop = f"kill {g.script_pid}; killall timeout dynamem-impact; true"
-                g.vm.run(["sh", "-c", stop], timeout=30, check=False)
-                series.update(_collect_phases(g, phases))
-                _finish_guest(g, base[guests.index(g)])
+            watch = RssWatch([g.vm.pid for g in guests])
+            failure: Exception | None = None
+            try:
+                with watch:
+                    _control(guests, policy, case, record)
+            except Exception as exc:  # noqa: BLE001 - raised again once the guests are read
+                failure, phase = exc, f"control round {len(guests[0].looks)}"
+            finally:  # the host's samples up to a failure are measurements too
+                series.update(watch.arrays())
+            record.duration_s = (time.monotonic_ns() - record.t0_ns) / 1e9 if record.t0_ns else 0.0
+            for g, phases, b in zip(guests, case.guests, base, strict=True):
+                try:  # what each guest still holds, read before any guest is stopped
+                    series.update(_stop_and_collect(g, phases, b))
+                except Exception as exc:  # noqa: BLE001 - one guest's loss is not the others'
+                    if failure is None:
+                        failure, phase = exc, f"workload stop ({g.name})"
                 series.update(_guest_series(g))
+            if failure is not None:
+                raise failure
             record.status = "ok"
     except KeyboardInterrupt:
         raise
@@ -703,6 +744,38 @@ def run_arm(
                 series.update(_guest_series(g))
     record.wall_s = time.monotonic() - t_start
     return record, series
+
+
+def _control(guests: list[_Guest], policy: Policy, case: Case, record: CaseArm) -> None:
+    """Start every guest's phase script, then a control round every interval until the
+    case's duration has passed (a round that moves memory lasts as long as its moves)."""
+    for g, phases in zip(guests, case.guests, strict=True):
+        script = shlex.quote(phase_script(phases))
+        line = f"sh -c {script} </dev/null >/dev/null 2>&1 & echo $!"
+        g.script_pid = int(g.vm.run(["sh", "-c", line], timeout=30).stdout.split()[-1])
+        g.record.workload_start_ns = time.monotonic_ns()
+    record.t0_ns = guests[0].record.workload_start_ns
+    end = time.monotonic() + case.duration
+    round_ = 0
+    while time.monotonic() < end:
+        tick = time.monotonic()
+        control_round(guests, policy, case, round_, record.decisions)
+        for g in guests:
+            g.vm.check_health()
+        round_ += 1
+        time.sleep(max(0.0, tick + case.interval - time.monotonic()))
+
+
+def _stop_and_collect(
+    g: _Guest, phases: tuple[tuple[int, float], ...], base: Pressure
+) -> dict[str, np.ndarray]:
+    if g.script_pid:
+        stop = f"kill {g.script_pid}; killall timeout dynamem-impact; true"
+        g.vm.run(["sh", "-c", stop], timeout=30, check=False)
+    g.record.guest_offset_ns = _guest_offset_ns(g.vm)
+    series = _collect_phases(g, phases)
+    _finish_guest(g, base)
+    return series
 
 
 def _mechanism_config(mech: Mechanism, mplan: MemoryPlan) -> Any:
@@ -747,7 +820,6 @@ def _boot_all(guests: list[_Guest]) -> None:
 def _finish_guest(g: _Guest, base: Pressure) -> None:
     end = _look(g)
     r = g.record
-    r.guest_offset_ns = _guest_offset_ns(g.vm)
     r.oom_kills = end.oom_kill - base.oom_kill
     r.swap_in_pages = end.pswpin - base.pswpin
     r.swap_out_pages = end.pswpout - base.pswpout

@@ -279,6 +279,12 @@ def _run_cases(args: argparse.Namespace, guest: str) -> int:
             f"run: --{unsupported[0].replace('_', '-')} does not apply to a case-study suite"
         )
     if args.resume:
+        given = [o for o in ("dry_run", "suite", "out") if getattr(args, o) not in (None, False)]
+        if given:
+            raise UserError(
+                f"run: --{given[0].replace('_', '-')} does not go with --resume (the run keeps "
+                "its own suite and directory)"
+            )
         store = RunStore.open(args.resume)
         guest = store.run.metadata.guest
         if args.guest not in (None, guest):

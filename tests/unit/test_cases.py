@@ -157,6 +157,8 @@ def test_the_built_in_case_suite_plans_every_mechanism_over_the_whole_range() ->
         ({"interval": 0}, "interval must be a positive number"),
         ({"policy": "greedy"}, "unknown policy 'greedy'"),
         ({"dimm_size": "100M"}, "dimm"),
+        ({"floor": "64M"}, "floor must be at least 100M"),
+        ({"low": "300M"}, "low must be below target"),
     ],
 )
 def test_bad_cases_are_refused_in_one_line(change: dict[str, object], message: str) -> None:
@@ -171,9 +173,11 @@ def test_bad_cases_are_refused_in_one_line(change: dict[str, object], message: s
 
 
 def test_phase_script_and_outcomes() -> None:
-    script = cases.phase_script(((700 * MiB, 40.0), (0, 80.0)))
+    script = cases.phase_script(((700 * MiB, 40.0), (0, 80.0), (300 * MiB, 10.0)))
     assert f"timeout 40 dynamem-impact {700 * MiB} /tmp/dynamem-case/p0.log" in script
-    assert "echo 0 $?" in script and "sleep 80" in script
+    assert "echo 0 $?" in script and "echo start 2 " in script
+    # each busy phase waits for its planned offset from the script's start (here 120 s)
+    assert "w=$((t0 + 12000 - " in script and "p1.log" not in script
     assert cases.phase_outcome(0, None, False) == "idle"
     assert cases.phase_outcome(MiB, 143, True) == "completed"  # busybox timeout: SIGTERM
     assert cases.phase_outcome(MiB, 124, True) == "completed"  # coreutils timeout
@@ -199,10 +203,10 @@ def test_reaction_times_and_the_budget_check_from_a_real_arm(tmp_path: Path) -> 
     run = _run_copy(tmp_path)
     arms = {a.mechanism: a for a in load_arms(run)[0]}
     arm, series = arms["virtio-mem"], load_series(run, "mini-virtio-mem-r1")
-    served, unserved = acases.reaction_times(arm, series)
+    served, unserved, unseen = acases.reaction_times(arm, series)
     # g1 got its first grow about 1.5 s after the look that saw it under pressure; g2 was
     # starved for four rounds before g1's memory came free
-    assert len(served) == 2 and unserved == 0
+    assert len(served) == 2 and unserved == unseen == 0
     assert 0 < served.min() < 3 < 8 < served.max()
     check = acases.budget_check(arm, series)
     assert check["peak"] <= arm.budget and check["longest_above_s"] == 0.0
@@ -228,7 +232,7 @@ def test_case_report_from_real_arms(tmp_path: Path) -> None:
     assert (tmp_path / "report" / "case-mini.png").stat().st_size > 20_000
     assert "| virtio-mem | 2/2 | 0 |" in text
     assert "5 ok; 4 rounds with a starved guest" in text
-    assert "fewer than two mechanism arms completed" in text  # one mechanism: no verdict
+    assert "no case study has two mechanism arms that may lead" in text  # one mechanism
     assert page.exists()
 
 
@@ -250,7 +254,7 @@ def test_verdict_names_the_leader_of_each_measure(tmp_path: Path) -> None:
     b.psi_s = a.psi_s / 2
     text = acases.verdict({"mini": [a, b]})
     assert 'agrees with "no absolute winner"' in text
-    assert "leads: balloon 2 of 4, virtio-mem 2 of 4" in text
+    assert "leads: balloon 2 of 3, virtio-mem 1 of 3" in text  # the reaction tie is no lead
     assert "mini, work done: **balloon**" in text and "swap traffic: **virtio-mem**" in text
     b.reaction = np.array([0.001])
     assert "mostly does **not** agree" in acases.verdict({"mini": [a, b]})
@@ -266,6 +270,21 @@ def test_cli_dry_run_and_options_that_do_not_apply(capsys: pytest.CaptureFixture
     assert "--repeats does not apply to a case-study suite" in capsys.readouterr().err
 
 
+def test_repeats_other_than_one_are_refused() -> None:
+    with pytest.raises(UserError, match="repeats must be 1"):
+        cases.load_case_text('kind = "cases"\nrepeats = 2\n[[case]]\nname = "x"\n', "x.toml")
+
+
+def test_the_static_arm_gets_the_budget_shared_out() -> None:
+    from dynamem.scenario import suite_path
+
+    suite = cases.load_case_text(suite_path("cases").read_text(), "cases.toml")
+    balancing, over = suite.cases
+    assert balancing.static_size == 832 * MiB  # 2560M / 3, in whole 32M quanta
+    assert over.static_size == 672 * MiB
+    assert balancing.static_size > balancing.start  # more than the mechanisms start with
+
+
 def test_the_nightly_and_scenario_loader_refuse_a_case_suite() -> None:
     from dynamem.scenario import load_suite
 
@@ -279,3 +298,77 @@ def test_compare_refuses_a_case_study_run(
     run = _run_copy(tmp_path)
     assert main(["compare", str(run), str(run)]) == 2
     assert "is a case-study run" in capsys.readouterr().err
+
+
+class _FakeVM:
+    def __init__(self, plugged: int) -> None:
+        self.plugged = plugged
+
+
+class _FakeMech:
+    """virtio-mem as the controller sees it: QEMU reports the plugged bytes."""
+
+    name, granularity, no_progress_s = "virtio-mem", 2 * MiB, 30.0
+
+    def host_bytes(self, vm: _FakeVM) -> int:
+        return vm.plugged
+
+    def host_bytes_at(self, size: int) -> int:
+        return size - 384 * MiB  # boot RAM at the floor
+
+
+def test_a_short_shrink_cuts_the_grow_and_an_unfinished_grow_stays_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dynamem.caserecord import CaseGuest, Decision
+
+    avail = {"g1": 10, "g2": 600}  # MiB: g1 under pressure, g2 with slack
+    monkeypatch.setattr(cases, "_look", lambda g: look(avail[g.name]))
+
+    def execute(g: cases._Guest, move: object, d: Decision, case: object) -> None:
+        if d.kind == "shrink":  # half of it, then no progress: partial
+            d.outcome, d.done = "partial", -d.requested // 2
+            g.vm.plugged += d.done
+        else:  # the guest plugs nothing before the deadline; QEMU's request stands
+            d.outcome, d.done = "timeout", 0
+
+    monkeypatch.setattr(cases, "_execute", execute)
+    suite = cases.load_case_text(
+        'kind = "cases"\n[[case]]\nname = "c"\nbudget = "1536M"\nstart = "768M"\n'
+        'floor = "384M"\nceiling = "1G"\nguests = [["700M 4s"], ["idle 4s"]]\n',
+        "c.toml",
+    )
+    case = suite.cases[0]
+    guests = [
+        cases._Guest(
+            n,
+            _FakeVM(384 * MiB),
+            _FakeMech(),
+            None,  # type: ignore[arg-type]
+            CaseGuest(
+                name=n,
+                floor=384 * MiB,
+                start=768 * MiB,
+                ceiling=1024 * MiB,
+                boot_memory=384 * MiB,
+                phases=[],
+            ),
+            [],
+            [],
+            [],
+        )  # fmt: skip
+        for n in ("g1", "g2")
+    ]
+    decisions: list[Decision] = []
+    cases.control_round(guests, case.make_policy(), case, 0, decisions)
+    shrink, grow = decisions
+    assert (shrink.guest, shrink.kind, shrink.requested) == ("g2", "shrink", 256 * MiB)
+    assert (grow.guest, grow.kind) == ("g1", "grow")
+    # only what the shrink really freed is spent (128 MiB), and the grow's request stands
+    assert grow.message.startswith("cut to 128M: a shrink fell short")
+    assert guests[0].pending == 896 * MiB and "counted against the budget" in grow.message
+    assert guests[0].committed() + guests[1].committed() <= case.budget
+    # the next round counts g1 at its standing target, not at what it has so far
+    cases.control_round(guests, case.make_policy(), case, 1, decisions)
+    assert guests[0].sizes[-1] == 896 * MiB
+    assert sum(g.sizes[-1] for g in guests) <= case.budget
