@@ -911,9 +911,10 @@ def run_cases(
             report=report,
         )
         write_arm(store.directory, record, series)
-        moved = sum(abs(d.done) for d in record.decisions)
+        moved = sum(d.done for d in record.decisions if d.kind == "grow" and d.done > 0)
         report(
             f"  {arm_id}: {record.status}{' (' + record.error + ')' if record.error else ''}; "
-            f"{len(record.decisions)} decisions, {format_size(moved)} moved, {record.wall_s:.0f} s"
+            f"{len(record.decisions)} decisions, {format_size(moved)} moved to guests, "
+            f"{record.wall_s:.0f} s"
         )
     return load_arms(store.directory)[0]
