@@ -26,6 +26,7 @@ from . import figures as F
 from .stats import group_stats
 
 CONFIDENCE = 0.95
+LANE = 90  # MiB of the memory panel's y axis per guest's lane of busy phases
 PAGE = 4096
 ARM_ORDER = ["static", "balloon", "dimm", "virtio-mem"]
 
@@ -210,7 +211,7 @@ def case_figure(
         s = series[arm.arm]
         t0 = arm.t0_ns
         mem, psi, host = row
-        for g in arm.guests:
+        for i, g in enumerate(arm.guests):
             c = colours.get(g.name, "grey")
             t = (s.get(f"{g.name}_t_ns", np.zeros(0)) - t0) / 1e9
             mem.step(
@@ -220,14 +221,16 @@ def case_figure(
                 color=c,
                 label=f"{g.name} size",
             )
+            # its busy phases as a bar below zero, one lane per guest, where each really
+            # started (when the guest said so), labelled with the working set
             offset = (g.workload_start_ns - t0) / 1e9
-            label = f"{g.name} working set"
-            for ph in g.phases:  # where it really started, when the guest said so
+            lane = -(i + 1) * LANE
+            for ph in g.phases:
                 if ph.size:
                     x0 = (ph.started_s if ph.started_s is not None else ph.start_s) + offset
-                    mem.hlines(ph.size / 2**20, x0, x0 + ph.seconds, color=c, linestyle=":",
-                               label=label)  # fmt: skip
-                    label = "_"
+                    mem.broken_barh([(x0, ph.seconds)], (lane, LANE * 0.7), color=c, alpha=0.45)
+                    mem.text(x0 + 1, lane + LANE * 0.12, f"{g.name} {format_size(ph.size)}",
+                             fontsize=6.5)  # fmt: skip
             psi.plot(t, s.get(f"{g.name}_psi_avg10", np.zeros(0)), color=c, label=g.name)
             for d in arm.decisions:
                 if d.guest != g.name or d.kind == "none" or d.t_request_ns is None:
@@ -262,9 +265,12 @@ def case_figure(
         )
         status = "" if arm.ok else f" — FAILED: {arm.failed_at}"
         mem.set_title(
-            f"{arm.mechanism}{status}: guest size (MiB); ▲ grow ▼ shrink, red = not ok", fontsize=9
+            f"{arm.mechanism}{status}: guest size (MiB); ▲ grow ▼ shrink, red = not ok; "
+            "bars: busy phases",
+            fontsize=9,
         )
         mem.set_ylabel("MiB")
+        mem.set_ylim(bottom=-(len(arm.guests) + 0.5) * LANE)
         psi.set_title(f"{arm.mechanism}: memory pressure, PSI some avg10 (%)", fontsize=9)
         host.set_title(f"{arm.mechanism}: host, all guests (MiB)", fontsize=9)
     for ax in axes[-1]:
