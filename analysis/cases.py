@@ -8,12 +8,10 @@ guests, budget, phases and guest configuration are equal by construction.
 """
 
 import datetime
-import html
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import markdown
 import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
@@ -557,7 +555,7 @@ def _decision_summary(arms: list[CaseArm]) -> list[str]:
 
 
 def build_case_report(store: RunStore, out: Path) -> tuple[Path, Path]:
-    from .report import CSS
+    from .report import write_pages
 
     out.mkdir(parents=True, exist_ok=True)
     run, meta = store.run, store.run.metadata
@@ -582,16 +580,7 @@ def build_case_report(store: RunStore, out: Path) -> tuple[Path, Path]:
         ),
     ]
     lines += case_section(store, out)
-    md_path = out / "report.md"
-    md_path.write_text("\n".join(lines) + "\n")
-    body = markdown.markdown(md_path.read_text(), extensions=["tables"])
-    html_path = out / "index.html"
-    html_path.write_text(
-        "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>{html.escape(run.run_id)}</title><style>{CSS}</style></head>"
-        f"<body>{body}</body></html>\n"
-    )
-    return md_path, html_path
+    return write_pages(out, lines, run.run_id)
 
 
 __all__ = ["build_case_report", "case_section", "reaction_times", "budget_check", "verdict"]

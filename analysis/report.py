@@ -953,13 +953,18 @@ def build_report(store: RunStore, out: Path) -> tuple[Path, Path]:
         _published(rep)
         _observer_cost(rep, mechs)
         _appendix(rep)
+    return write_pages(out, rep.lines, run.run_id)
+
+
+def write_pages(out: Path, lines: list[str], title: str) -> tuple[Path, Path]:
+    """report.md from `lines`, and index.html rendered from it; returns (md, html)."""
     md_path = out / "report.md"
-    md_path.write_text("\n".join(rep.lines) + "\n")
+    md_path.write_text("\n".join(lines) + "\n")
     body = markdown.markdown(md_path.read_text(), extensions=["tables"])
     html_path = out / "index.html"
     html_path.write_text(
         "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>{html.escape(run.run_id)}</title><style>{CSS}</style></head>"
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head>"
         f"<body>{body}</body></html>\n"
     )
     return md_path, html_path

@@ -737,7 +737,10 @@ def run_arm(
         raise
     except Exception as exc:  # noqa: BLE001 - every failure is a recorded outcome
         message = str(exc) if isinstance(exc, DynamemError) else f"{type(exc).__name__}: {exc}"
+        why = [f"{g.name}: {g.vm.diagnosis}" for g in guests if g.vm.diagnosis]  # e.g. a panic
         record.failed_at, record.error = phase, f"{phase}: {message}"
+        if why and not any(w.split(": ", 1)[1] in message for w in why):
+            record.error += f" ({'; '.join(why)})"
         record.guests = [g.record for g in guests]
         for g in guests:
             if g.looks:
