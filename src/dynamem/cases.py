@@ -349,11 +349,15 @@ def dry_run_lines(suite: CaseSuite) -> list[str]:
     lines = []
     for arm_id in suite.arm_ids():
         case, arm, _ = suite.arm(arm_id)
+        sizes = (
+            f"{format_size(case.static_size)} each, fixed"
+            if arm == STATIC
+            else f"{format_size(case.floor)}..{format_size(case.start)}.."
+            f"{format_size(case.ceiling)}"
+        )
         lines.append(
             f"{arm_id}: {len(case.guests)} guests, budget {format_size(case.budget)}, "
-            f"{arm} {format_size(case.floor)}..{format_size(case.start)}.."
-            f"{format_size(case.ceiling)}, "
-            f"{case.duration:g} s"
+            f"{arm} {sizes}, {case.duration:g} s"
         )
     return lines
 

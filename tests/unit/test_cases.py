@@ -266,6 +266,7 @@ def test_cli_dry_run_and_options_that_do_not_apply(capsys: pytest.CaptureFixture
     assert main(["run", "--suite", "cases", "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 8 and all("3 guests" in line for line in out)
+    assert "balancing-static-r1: 3 guests, budget 2560M, static 832M each, fixed, 130 s" in out
     assert main(["run", "--suite", "cases", "--repeats", "2"]) == 2
     assert "--repeats does not apply to a case-study suite" in capsys.readouterr().err
 
