@@ -19,6 +19,8 @@ after the shrinks really completed, which the runner enforces).
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from dynamem.parsers import parse_meminfo
+from dynamem.probes.guestmem import parse_vmstat
 from dynamem.units import MiB, format_size
 
 
@@ -37,24 +39,6 @@ class Pressure:
     psi_some_avg10: float
 
 
-def _kb(meminfo: str) -> dict[str, int]:
-    out = {}
-    for line in meminfo.splitlines():
-        key, _, rest = line.partition(":")
-        if rest.split():
-            out[key] = int(rest.split()[0])
-    return out
-
-
-def _counters(vmstat: str) -> dict[str, int]:
-    out = {}
-    for line in vmstat.splitlines():
-        words = line.split()
-        if len(words) == 2 and words[1].isdigit():
-            out[words[0]] = int(words[1])
-    return out
-
-
 def parse_psi(text: str) -> tuple[float, int]:
     """(some avg10 in %, some total in µs) of /proc/pressure/memory; (0, -1) if absent
     (a kernel without PSI, or booted without psi=1)."""
@@ -68,7 +52,7 @@ def parse_psi(text: str) -> tuple[float, int]:
 
 def parse_pressure(t_ns: int, meminfo: str, vmstat: str, psi: str) -> Pressure:
     """A look from the three files the sampler read; ValueError if meminfo is unusable."""
-    mem, vm = _kb(meminfo), _counters(vmstat)
+    mem, vm = parse_meminfo(meminfo), parse_vmstat(vmstat)
     if "MemTotal" not in mem or "MemAvailable" not in mem:
         raise ValueError("meminfo without MemTotal or MemAvailable")
     avg10, total = parse_psi(psi)
